@@ -1,0 +1,5 @@
+"""`python -m pgvault` runs the command line."""
+
+from pgvault.cli import main
+
+raise SystemExit(main())

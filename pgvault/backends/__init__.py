@@ -1,0 +1,1 @@
+"""Storage backends: move bytes under string keys. See base.Backend for the contract."""

@@ -1,0 +1,67 @@
+"""The backend contract: a handful of synchronous byte operations with stated semantics.
+
+Keys are '/'-separated relative paths (``packs/ab/abcd...``). Every method is safe to call
+from several threads at once. Not-found is signalled by ``ObjectNotFound`` (a subclass of
+the user-facing NotFoundError) so callers can tell "absent" from "broken".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+from pgvault.errors import BackendError, NotFoundError
+
+
+class ObjectNotFound(NotFoundError):
+    """The key does not exist."""
+
+
+class TransientBackendError(BackendError):
+    """A failure worth retrying (throttling, timeout, reset); the retry wrapper acts on it."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Properties:
+    """What the backend guarantees, so callers never need isinstance checks."""
+
+    # put_if_absent is enforced by the service (not check-then-put).
+    atomic_put_if_absent: bool
+    # Sensible number of concurrent requests.
+    connections: int
+    # A local path a key maps to, when the backend is a filesystem (for tests and fsck).
+    local: bool
+
+
+class Backend(Protocol):
+    properties: Properties
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store data under key, replacing any old value, atomically: readers see old or new."""
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Store data only if key is absent. True if written, False if it already existed."""
+
+    def get(self, key: str) -> bytes:
+        """The whole object; ObjectNotFound if absent."""
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """length bytes from offset; ObjectNotFound if absent; short only at end of object."""
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size of the object, or None if absent."""
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with prefix, in key order."""
+
+    def delete(self, key: str) -> None:
+        """Remove key; absent keys are not an error (delete is idempotent)."""
+
+    def describe(self) -> str:
+        """A human-readable location without secrets, for messages."""

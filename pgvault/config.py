@@ -1,0 +1,208 @@
+"""Options, read once: command-line flag beats PGVAULT_* environment beats config file.
+
+The config file is INI: a [global] section and one section per stanza (the stanza section
+wins over [global]). This is the only module that reads the environment or the file.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pgvault.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/pgvault/pgvault.conf"
+
+
+def _int(name: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"option {name}: {text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise ConfigError(f"option {name}: {value} is out of range ({low} to {high})")
+        return value
+
+    return parse
+
+
+def _choice(name: str, *choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ConfigError(f"option {name}: {text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("1", "y", "yes", "true", "on"):
+        return True
+    if text.lower() in ("0", "n", "no", "false", "off", ""):
+        return False
+    raise ConfigError(f"{text!r} is not a boolean (use y or n)")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    help: str
+    parse: Callable[[str], Any] = str
+    default: Any = None
+    flag: bool = False  # a switch without a value on the command line
+    multi: bool = False  # may be given several times (comma-separated in env/file)
+    metavar: str | None = None
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("config", "config file", default=DEFAULT_CONFIG, metavar="FILE"),
+    OptionSpec("stanza", "the cluster being backed up", metavar="NAME"),
+    OptionSpec("repo", "repository: /path or file:///path", metavar="URL"),
+    OptionSpec("pg-conninfo", "libpq connection string for backups", default="", metavar="STR"),
+    OptionSpec("pg-data", "the cluster's data directory", metavar="DIR"),
+    OptionSpec("passphrase-file", "file holding the repository passphrase", metavar="FILE"),
+    OptionSpec("compress", "compression of new data", _choice("compress", "zstd", "lz4", "none"), "zstd"),
+    OptionSpec("compress-level", "compression level", _int("compress-level", -7, 22), None, metavar="N"),
+    OptionSpec("jobs", "parallel workers", _int("jobs", 1, 128), 2, metavar="N"),
+    OptionSpec("log-level", "stderr log level", _choice("log-level", "error", "warn", "info", "debug"), "warn"),
+    OptionSpec("output", "output format", _choice("output", "text", "json"), "text"),
+    OptionSpec("progress", "progress display", _choice("progress", "auto", "always", "never"), "auto"),
+    OptionSpec("archive-timeout", "seconds a backup waits for its WAL to be archived", _int("archive-timeout", 1, 86400), 60, metavar="S"),
+    OptionSpec("block-size", "block size in KiB for a new repository", _int("block-size", 8, 16384), 64, metavar="KIB"),
+    OptionSpec("type", "backup: full|incr; restore: default|immediate|time|xid|lsn|name|standby|none", metavar="TYPE"),
+    OptionSpec("annotation", "backup annotation KEY=VALUE", multi=True, metavar="K=V"),
+    OptionSpec("set", "backup to restore (an id, or latest)", default="latest", metavar="ID"),
+    OptionSpec("target", "recovery target value", metavar="VALUE"),
+    OptionSpec("target-action", "after reaching the target", _choice("target-action", "pause", "promote", "shutdown"), metavar="ACTION"),
+    OptionSpec("target-timeline", "recovery target timeline", metavar="TLI"),
+    OptionSpec("target-exclusive", "stop just before the target", _bool, False, flag=True),
+    OptionSpec("force", "restore over a non-empty directory", _bool, False, flag=True),
+    OptionSpec("delta", "restore over an existing directory, rewriting only what differs", _bool, False, flag=True),
+    OptionSpec("tablespace-map", "restore tablespace OID into DIR", multi=True, metavar="OID=DIR"),
+    OptionSpec("tablespace-map-all", "restore every tablespace under DIR/<oid>", metavar="DIR"),
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    command: str
+    args: tuple[str, ...]
+    config: str
+    stanza: str | None
+    repo: str | None
+    pg_conninfo: str
+    pg_data: str | None
+    passphrase_file: str | None
+    passphrase: bytes | None = field(repr=False)
+    compress: str
+    compress_level: int | None
+    jobs: int
+    log_level: str
+    output: str
+    progress: str
+    archive_timeout: int
+    block_size: int
+    type: str | None
+    annotation: tuple[str, ...]
+    set: str
+    target: str | None
+    target_action: str | None
+    target_timeline: str | None
+    target_exclusive: bool
+    force: bool
+    delta: bool
+    tablespace_map: tuple[str, ...]
+    tablespace_map_all: str | None
+
+    def require_stanza(self) -> str:
+        if not self.stanza:
+            raise ConfigError(f"{self.command} needs --stanza (or PGVAULT_STANZA, or stanza in the config file)")
+        return self.stanza
+
+    def require_repo(self) -> str:
+        if not self.repo:
+            raise ConfigError(f"{self.command} needs --repo (or PGVAULT_REPO, or repo in the config file)")
+        return self.repo
+
+
+def _env_name(name: str) -> str:
+    return "PGVAULT_" + name.upper().replace("-", "_")
+
+
+def _read_file(path: str, stanza: str | None, explicit: bool) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return {}
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"config file {path} is malformed: {str(exc).splitlines()[0]}") from None
+    values: dict[str, str] = {}
+    if parser.has_section("global"):
+        values.update(parser.items("global"))
+    if stanza and parser.has_section(stanza):
+        values.update(parser.items(stanza))
+    known = {spec.name for spec in OPTIONS}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"config file {path}: unknown option {key!r}")
+    return values
+
+
+def resolve(command: str, args: tuple[str, ...], cli: Mapping[str, Any], environ: Mapping[str, str]) -> Options:
+    """Merge flags, environment and file into Options."""
+    config_path = cli.get("config") or environ.get("PGVAULT_CONFIG")
+    explicit = config_path is not None
+    stanza = cli.get("stanza") or environ.get("PGVAULT_STANZA")
+    file_values = _read_file(config_path or DEFAULT_CONFIG, stanza, explicit)
+    values: dict[str, Any] = {}
+    for spec in OPTIONS:
+        attr = spec.name.replace("-", "_")
+        raw: Any = cli.get(spec.name)
+        if raw is None:
+            raw = environ.get(_env_name(spec.name))
+            if raw is not None and spec.multi:
+                raw = [part for part in raw.split(",") if part]
+        if raw is None:
+            raw = file_values.get(spec.name)
+            if raw is not None and spec.multi:
+                raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if raw is None:
+            value = spec.default
+        elif spec.multi:
+            value = tuple(raw)
+        elif spec.flag:
+            value = _bool(raw)
+        else:
+            value = spec.parse(raw)
+        if spec.multi and value is None:
+            value = ()
+        values[attr] = value
+    values["config"] = config_path or DEFAULT_CONFIG
+    values["passphrase"] = _passphrase(values["passphrase_file"], environ)
+    return Options(command=command, args=args, **values)
+
+
+def _passphrase(path: str | None, environ: Mapping[str, str]) -> bytes | None:
+    if path:
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+        text = text.rstrip(b"\r\n")
+        if not text:
+            raise ConfigError(f"passphrase file {path} is empty")
+        return text
+    env = environ.get("PGVAULT_PASSPHRASE")
+    return env.encode() if env else None

@@ -1,0 +1,1 @@
+"""The library API: one module per command, typed options in, result dataclasses out."""

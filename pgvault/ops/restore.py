@@ -1,0 +1,284 @@
+"""restore: rebuild PGDATA from a manifest, in parallel, and write recovery settings.
+
+Files are written into place with their final modes; PostgreSQL only starts once the
+operator starts it, and recovery.signal makes it replay WAL from the archive first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgvault.config import Options
+from pgvault.errors import ConfigError, NotFoundError, RestoreTargetError
+from pgvault.ops.common import open_repository
+from pgvault.pg import recovery
+from pgvault.repository.manifest import FileEntry, Manifest
+from pgvault.repository.repository import Repository
+
+log = logging.getLogger(__name__)
+
+RECOVERY_TYPES = ("default", "immediate", "time", "xid", "lsn", "name", "standby", "none")
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    backup_id: str
+    pg_data: str
+    files: int
+    bytes: int
+
+
+def choose_backup(repo: Repository, stanza: str, wanted: str) -> str:
+    backups = repo.list_backups(stanza)
+    if not backups:
+        raise NotFoundError(f"stanza {stanza} has no backups to restore")
+    if wanted == "latest":
+        return backups[-1]
+    if wanted not in backups:
+        raise NotFoundError(f"backup {wanted} not found in stanza {stanza} (have: {', '.join(backups)})")
+    return wanted
+
+
+def _tablespace_targets(manifest: Manifest, opts: Options) -> dict[int, Path]:
+    mapping: dict[int, Path] = {}
+    for item in opts.tablespace_map:
+        oid, sep, directory = item.partition("=")
+        if not sep or not oid.isdigit() or not directory.startswith("/"):
+            raise ConfigError(f"--tablespace-map {item!r} must be OID=/absolute/dir")
+        mapping[int(oid)] = Path(directory)
+    known = {t.oid for t in manifest.tablespaces}
+    for oid in mapping:
+        if oid not in known:
+            raise ConfigError(f"--tablespace-map names tablespace {oid}, which backup {manifest.backup_id} does not have")
+    targets = {}
+    for ts in manifest.tablespaces:
+        if ts.oid in mapping:
+            targets[ts.oid] = mapping[ts.oid]
+        elif opts.tablespace_map_all:
+            targets[ts.oid] = Path(opts.tablespace_map_all) / str(ts.oid)
+        else:
+            targets[ts.oid] = Path(ts.location)
+    return targets
+
+
+def _prepare_dir(path: Path, force: bool, what: str) -> None:
+    """Make sure path is an empty directory (emptying it with --force)."""
+    if path.exists() and not path.is_dir():
+        raise RestoreTargetError(f"{what} {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if (path / "postmaster.pid").exists():
+            raise RestoreTargetError(f"{what} {path} holds a running (or crashed) cluster: stop it first")
+        if not force:
+            raise RestoreTargetError(f"{what} {path} is not empty: restore into an empty directory or use --force")
+        for child in path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _self_command() -> str:
+    exe = Path(sys.argv[0])
+    if exe.name == "pgvault" and exe.exists():
+        return shlex.quote(str(exe.resolve()))
+    return f"{shlex.quote(sys.executable)} -m pgvault"
+
+
+def restore_command(opts: Options, stanza: str) -> str:
+    parts = [_self_command()]
+    if opts.config and Path(opts.config).exists():
+        parts.append(f"--config={shlex.quote(str(Path(opts.config).resolve()))}")
+    parts.append(f"--stanza={shlex.quote(stanza)}")
+    parts.append(f"--repo={shlex.quote(opts.require_repo())}")
+    if opts.passphrase_file:
+        parts.append(f"--passphrase-file={shlex.quote(str(Path(opts.passphrase_file).resolve()))}")
+    parts.append("wal-fetch %f %p")
+    return " ".join(parts)
+
+
+def recovery_settings(opts: Options, stanza: str) -> recovery.RecoverySettings:
+    kind = opts.type or "default"
+    if kind not in RECOVERY_TYPES:
+        raise ConfigError(f"restore --type must be one of {', '.join(RECOVERY_TYPES)}, not {kind!r}")
+    settings: list[tuple[str, str]] = []
+    if kind in ("time", "xid", "lsn", "name"):
+        if not opts.target:
+            raise ConfigError(f"restore --type {kind} needs --target")
+        settings.append((f"recovery_target_{kind}", opts.target))
+    elif kind == "immediate":
+        settings.append(("recovery_target", "immediate"))
+    elif opts.target:
+        raise ConfigError(f"--target is only valid with --type time, xid, lsn or name (got --type {kind})")
+    if opts.target_exclusive:
+        if kind not in ("time", "xid", "lsn"):
+            raise ConfigError("--target-exclusive is only valid with --type time, xid or lsn")
+        settings.append(("recovery_target_inclusive", "false"))
+    if opts.target_action:
+        if kind in ("default", "standby", "none"):
+            raise ConfigError(f"--target-action needs a recovery target, not --type {kind}")
+        settings.append(("recovery_target_action", opts.target_action))
+    if opts.target_timeline:
+        settings.append(("recovery_target_timeline", opts.target_timeline))
+    if kind == "none":
+        return recovery.RecoverySettings(None, (), None)
+    signal = "standby.signal" if kind == "standby" else "recovery.signal"
+    return recovery.RecoverySettings(restore_command(opts, stanza), tuple(settings), signal)
+
+
+def _owner(entry: FileEntry) -> tuple[int, int] | None:
+    """As root, files go to the backup's owner (the cluster's user); otherwise we own them."""
+    if os.geteuid() != 0:
+        return None
+    return entry.uid, entry.gid
+
+
+def _write_file(repo: Repository, path: Path, entry: FileEntry) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    written = 0
+    try:
+        for block_id in repo.file_block_ids(entry):
+            data = repo.read_block(block_id)
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            written += len(data)
+        if written != entry.size:
+            raise RestoreTargetError(f"{entry.path}: restored {written} bytes, manifest says {entry.size}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _set_attributes(path, entry)
+    return written
+
+
+def _set_attributes(path: Path, entry: FileEntry) -> None:
+    owner = _owner(entry)
+    if owner:
+        os.lchown(path, *owner)
+    if entry.type != "l":
+        os.chmod(path, entry.mode)
+        os.utime(path, (entry.mtime, entry.mtime))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore(opts: Options) -> RestoreResult:
+    stanza = opts.require_stanza()
+    if not opts.pg_data:
+        raise ConfigError("restore needs --pg-data: the directory to restore into")
+    if opts.delta:
+        raise ConfigError("--delta is not supported yet: restore into an empty directory or use --force")
+    pg_data = Path(opts.pg_data).absolute()
+    repo = open_repository(opts)
+    repo.stanza_info(stanza)
+    manifest = repo.load_manifest(stanza, choose_backup(repo, stanza, opts.set))
+    ts_targets = _tablespace_targets(manifest, opts)
+    settings = recovery_settings(opts, stanza)  # validate before touching anything
+    _prepare_dir(pg_data, opts.force, "restore target")
+    for oid, target in ts_targets.items():
+        if target == pg_data or pg_data in target.parents:
+            raise RestoreTargetError(f"tablespace {oid} would be restored inside the data directory: map it elsewhere")
+        _prepare_dir(target, opts.force, f"tablespace {oid} directory")
+
+    created = [pg_data, *ts_targets.values()]
+    try:
+        total, count = _materialize(repo, manifest, pg_data, ts_targets, opts.jobs)
+        recovery.write(pg_data, settings)
+        # pg_control last: until it is in place PostgreSQL refuses to start this directory,
+        # so an interrupted restore can never be started as if it were complete.
+        os.replace(pg_data / PG_CONTROL_TMP, pg_data / "global" / "pg_control")
+        _fsync_dir(pg_data / "global")
+    except BaseException:
+        for directory in created:
+            _empty(directory)
+        raise
+    log.info("restored backup %s into %s: %d files, %d bytes", manifest.backup_id, pg_data, count, total)
+    return RestoreResult(manifest.backup_id, str(pg_data), count, total)
+
+
+
+PG_CONTROL_TMP = "global/pg_control.pgvault.tmp"
+
+
+def _file_path(root: Path, entry: FileEntry) -> Path:
+    if entry.tablespace is None and entry.path == "global/pg_control":
+        return root / PG_CONTROL_TMP
+    return root / entry.path
+
+
+def _empty(directory: Path) -> None:
+    """Undo a failed restore: leave the (formerly empty) directory empty again."""
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _materialize(
+    repo: Repository, manifest: Manifest, pg_data: Path, ts_targets: dict[int, Path], jobs: int
+) -> tuple[int, int]:
+    """Create directories, links and files; returns (bytes, files) written."""
+
+    def root_of(entry: FileEntry) -> Path:
+        return pg_data if entry.tablespace is None else ts_targets[entry.tablespace]
+
+    directories = [f for f in manifest.files if f.type == "d"]
+    for entry in sorted(directories, key=lambda e: e.path.count("/")):
+        path = root_of(entry) / entry.path
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for entry in (f for f in manifest.files if f.type == "l"):
+        path = root_of(entry) / entry.path
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.symlink(entry.link or "", path)
+    for oid, target in ts_targets.items():
+        link = pg_data / "pg_tblspc" / str(oid)
+        link.parent.mkdir(mode=0o700, exist_ok=True)
+        if not link.is_symlink():
+            os.symlink(target, link)
+
+    regular = sorted((f for f in manifest.files if f.type == "f"), key=lambda e: -e.size)
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pgvault-restore") as pool:
+        futures = [pool.submit(_write_file, repo, _file_path(root_of(e), e), e) for e in regular]
+        total = sum(f.result() for f in futures)
+
+    _rewrite_tablespace_map(pg_data, manifest, ts_targets)
+    for entry in sorted(directories, key=lambda e: -e.path.count("/")):
+        path = root_of(entry) / entry.path
+        _set_attributes(path, entry)
+        _fsync_dir(path)
+    group_access = any(d.path == "global" and d.mode & 0o050 for d in directories)
+    os.chmod(pg_data, 0o750 if group_access else 0o700)
+    if os.geteuid() == 0 and regular:
+        os.chown(pg_data, regular[0].uid, regular[0].gid)
+        for target in ts_targets.values():
+            os.chown(target, regular[0].uid, regular[0].gid)
+    _fsync_dir(pg_data)
+    return total, len(regular)
+
+def _rewrite_tablespace_map(pg_data: Path, manifest: Manifest, targets: dict[int, Path]) -> None:
+    """PostgreSQL recreates pg_tblspc links from tablespace_map at recovery start: point it
+    at the restored locations."""
+    path = pg_data / "tablespace_map"
+    if not manifest.tablespaces:
+        return
+    text = "".join(f"{oid} {target}\n" for oid, target in sorted(targets.items()))
+    path.write_text(text, encoding="utf-8")
+    os.chmod(path, 0o600)

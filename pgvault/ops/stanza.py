@@ -1,0 +1,43 @@
+"""stanza-create: create the repository if needed and record which cluster a stanza is."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pgvault.backends.registry import open_backend
+from pgvault.config import Options
+from pgvault.ops.common import check_cluster
+from pgvault.pg.replication import ReplicationConnection
+from pgvault.repository.repository import (
+    DEFAULT_PACK_SIZE,
+    Repository,
+    RepoSettings,
+    StanzaInfo,
+)
+
+
+@dataclass(frozen=True)
+class StanzaResult:
+    info: StanzaInfo
+    created: bool
+
+
+def stanza_create(opts: Options) -> StanzaResult:
+    stanza = opts.require_stanza()
+    backend = open_backend(opts.require_repo())
+    repo = Repository.create(backend, opts.passphrase, RepoSettings(opts.block_size * 1024, DEFAULT_PACK_SIZE))
+    with ReplicationConnection(opts.pg_conninfo) as conn:
+        ident = conn.identify_system()
+        info = StanzaInfo(
+            stanza=stanza,
+            system_id=ident.system_id,
+            pg_version=conn.server_version,
+            wal_segment_size=conn.wal_segment_size(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+    if repo.create_stanza(info):
+        return StanzaResult(info, True)
+    existing = repo.stanza_info(stanza)
+    check_cluster(existing, info.system_id, info.pg_version)
+    return StanzaResult(existing, False)

@@ -1,0 +1,1 @@
+"""Talking to PostgreSQL: replication protocol, tar stream, WAL names, recovery settings."""

@@ -1,0 +1,1 @@
+"""The data path as small pure stages: compress, encrypt, identify."""

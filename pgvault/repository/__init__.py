@@ -1,0 +1,1 @@
+"""The logical store: keys, packs, index, stanzas, manifests and WAL on any backend."""

@@ -1,0 +1,47 @@
+"""Object keys: the one place that knows where things live (docs/FORMAT.md §1)."""
+
+from __future__ import annotations
+
+import re
+
+from pgvault.errors import ConfigError
+
+CONFIG = "config"
+STANZA_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def check_stanza(name: str) -> str:
+    if not STANZA_RE.match(name):
+        raise ConfigError(f"invalid stanza name {name!r}: use letters, digits, '_', '-', '.'")
+    return name
+
+
+def pack_key(pack: str) -> str:
+    return f"packs/{pack[:2]}/{pack}"
+
+
+def index_key(pack: str) -> str:
+    return f"index/{pack}"
+
+
+def stanza_key(stanza: str) -> str:
+    return f"stanzas/{stanza}/stanza"
+
+
+def manifest_prefix(stanza: str) -> str:
+    return f"stanzas/{stanza}/backups/"
+
+
+def manifest_key(stanza: str, backup_id: str) -> str:
+    return f"{manifest_prefix(stanza)}{backup_id}.manifest"
+
+
+def wal_prefix(stanza: str) -> str:
+    return f"stanzas/{stanza}/wal/"
+
+
+def wal_key(stanza: str, name: str) -> str:
+    """Segments, .partial and .backup files are grouped by their first 16 characters
+    (timeline + log id) so a timeline's range lists cheaply; .history files sit together."""
+    group = "history" if name.endswith(".history") else name[:16]
+    return f"{wal_prefix(stanza)}{group}/{name}"

@@ -1,0 +1,77 @@
+"""Packs: many sealed blocks in one object, so object stores see few, large writes.
+
+    pack := block* | trailer | trailer length u32 LE | "PGVP"
+    trailer := envelope(kind PACK_TRAILER, context = pack name) of the index entries
+
+The trailer makes each pack self-describing, so the index can always be rebuilt from packs.
+Order of writes: pack, then its index object, then (much later) the manifest that uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from pgvault.backends.base import Backend
+from pgvault.pipeline import codecs, envelope
+from pgvault.pipeline.crypto import Keys
+from pgvault.repository import layout
+from pgvault.repository.index import Index, encode_entries
+
+PACK_MAGIC = b"PGVP"
+TAIL = struct.Struct("<I4s")
+
+
+def new_pack_name() -> str:
+    return os.urandom(16).hex()
+
+
+class PackWriter:
+    """Collects sealed blocks and flushes a pack when it reaches target_size.
+
+    Not thread-safe: one writer per backup, fed from the thread that orders results.
+    """
+
+    def __init__(self, backend: Backend, keys: Keys, index: Index, target_size: int) -> None:
+        self._backend = backend
+        self._keys = keys
+        self._index = index
+        self._target = target_size
+        self._buffer = bytearray()
+        self._entries: list[tuple[bytes, int, int]] = []
+        self._pending: set[bytes] = set()
+        self.bytes_written = 0
+        self.packs_written = 0
+
+    def has(self, block_id: bytes) -> bool:
+        return block_id in self._pending or block_id in self._index
+
+    def add(self, block_id: bytes, sealed: bytes) -> None:
+        if self.has(block_id):
+            return
+        self._entries.append((block_id, len(self._buffer), len(sealed)))
+        self._buffer += sealed
+        self._pending.add(block_id)
+        if len(self._buffer) >= self._target:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._entries:
+            return
+        name = new_pack_name()
+        entries = encode_entries(name, self._entries)
+        trailer = envelope.seal(
+            self._keys, envelope.Kind.PACK_TRAILER, entries, name.encode(), codecs.Codec.ZSTD
+        )
+        self._buffer += trailer + TAIL.pack(len(trailer), PACK_MAGIC)
+        self._backend.put(layout.pack_key(name), bytes(self._buffer))
+        index_obj = envelope.seal(
+            self._keys, envelope.Kind.INDEX, entries, layout.index_key(name).encode(), codecs.Codec.ZSTD
+        )
+        self._backend.put(layout.index_key(name), index_obj)
+        self._index.add_pack(name, self._entries)
+        self.bytes_written += len(self._buffer) + len(index_obj)
+        self.packs_written += 1
+        self._buffer = bytearray()
+        self._entries = []
+        self._pending.clear()

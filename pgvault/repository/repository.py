@@ -1,0 +1,214 @@
+"""Repository: the repository config and keys, stanzas, manifests, blocks and WAL on a backend.
+
+Everything above this module speaks in stanzas, backups, blocks and WAL names; everything
+below it speaks in keys and bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from pgvault.backends.base import Backend, ObjectNotFound
+from pgvault.errors import (
+    ConfigError,
+    IntegrityError,
+    NotFoundError,
+    RepositoryError,
+    WalError,
+)
+from pgvault.pipeline import codecs, crypto, envelope
+from pgvault.pipeline.crypto import Keys
+from pgvault.pipeline.envelope import Kind
+from pgvault.repository import layout
+from pgvault.repository.index import Index, decode_entries
+from pgvault.repository.manifest import FileEntry, Manifest
+
+REPO_FORMAT = 1
+# Block size: see docs/FORMAT.md §4 for the measurement behind the default.
+DEFAULT_BLOCK_SIZE = 64 * 1024
+DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    block_size: int
+    pack_size: int
+
+
+@dataclass(frozen=True)
+class StanzaInfo:
+    stanza: str
+    system_id: str
+    pg_version: int
+    wal_segment_size: int
+    created: str
+
+
+class Repository:
+    def __init__(self, backend: Backend, keys: Keys, settings: RepoSettings) -> None:
+        self.backend = backend
+        self.keys = keys
+        self.settings = settings
+        self._index: Index | None = None
+
+    # -- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, backend: Backend, passphrase: bytes | None) -> Repository:
+        try:
+            raw = backend.get(layout.CONFIG)
+        except ObjectNotFound:
+            raise RepositoryError(
+                f"no pgvault repository at {backend.describe()}: run 'pgvault stanza-create' first"
+            ) from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise IntegrityError(f"repository config at {backend.describe()} is corrupt") from None
+        if doc.get("format") != REPO_FORMAT:
+            raise RepositoryError(f"repository format {doc.get('format')} is not supported by this pgvault")
+        keys = crypto.open_keys(doc["keys"], passphrase)
+        return cls(backend, keys, RepoSettings(int(doc["block_size"]), int(doc["pack_size"])))
+
+    @classmethod
+    def create(cls, backend: Backend, passphrase: bytes | None, settings: RepoSettings) -> Repository:
+        """Create the repository if absent (put-if-absent, so racing creators agree), then open."""
+        keys, desc = crypto.new_keys(passphrase)
+        doc = {
+            "format": REPO_FORMAT,
+            "created": _now(),
+            "keys": desc,
+            "block_size": settings.block_size,
+            "pack_size": settings.pack_size,
+        }
+        backend.put_if_absent(layout.CONFIG, json.dumps(doc, indent=1).encode())
+        return cls.open(backend, passphrase)
+
+    # -- sealed metadata objects ----------------------------------------------------------
+
+    def _seal(self, kind: Kind, key: str, data: bytes) -> bytes:
+        return envelope.seal(self.keys, kind, data, key.encode(), codecs.Codec.ZSTD)
+
+    def _get_sealed(self, kind: Kind, key: str) -> bytes:
+        return envelope.open_(self.keys, self.backend.get(key), key.encode(), kind)
+
+    # -- stanzas --------------------------------------------------------------------------
+
+    def stanza_info(self, stanza: str) -> StanzaInfo:
+        key = layout.stanza_key(layout.check_stanza(stanza))
+        try:
+            doc = json.loads(self._get_sealed(Kind.STANZA, key))
+        except ObjectNotFound:
+            raise ConfigError(
+                f"unknown stanza {stanza!r} in {self.backend.describe()}: run 'pgvault --stanza={stanza} stanza-create'"
+            ) from None
+        return StanzaInfo(**doc)
+
+    def create_stanza(self, info: StanzaInfo) -> bool:
+        """Record the cluster for a stanza; False if it already existed (the caller compares)."""
+        key = layout.stanza_key(layout.check_stanza(info.stanza))
+        return self.backend.put_if_absent(key, self._seal(Kind.STANZA, key, json.dumps(asdict(info)).encode()))
+
+    def stanzas(self) -> list[str]:
+        return sorted(
+            {info.key.split("/")[1] for info in self.backend.list("stanzas/") if info.key.endswith("/stanza")}
+        )
+
+    # -- manifests ------------------------------------------------------------------------
+
+    def list_backups(self, stanza: str) -> list[str]:
+        prefix = layout.manifest_prefix(stanza)
+        return sorted(
+            info.key[len(prefix) : -len(".manifest")]
+            for info in self.backend.list(prefix)
+            if info.key.endswith(".manifest")
+        )
+
+    def save_manifest(self, manifest: Manifest) -> int:
+        """Write the manifest: the commit point of a backup. Never overwrites."""
+        key = layout.manifest_key(manifest.stanza, manifest.backup_id)
+        sealed = self._seal(Kind.MANIFEST, key, manifest.to_bytes())
+        if not self.backend.put_if_absent(key, sealed):
+            raise RepositoryError(f"backup {manifest.backup_id} already exists in stanza {manifest.stanza}")
+        return len(sealed)
+
+    def load_manifest(self, stanza: str, backup_id: str) -> Manifest:
+        key = layout.manifest_key(stanza, backup_id)
+        try:
+            return Manifest.from_bytes(self._get_sealed(Kind.MANIFEST, key))
+        except ObjectNotFound:
+            raise NotFoundError(f"backup {backup_id} not found in stanza {stanza}") from None
+
+    # -- blocks ---------------------------------------------------------------------------
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            self._index = self._load_index()
+        return self._index
+
+    def _load_index(self) -> Index:
+        index = Index()
+        for info in self.backend.list("index/"):
+            pack, entries = decode_entries(self._get_sealed(Kind.INDEX, info.key))
+            index.add_pack(pack, entries)
+        return index
+
+    def read_block(self, block_id: bytes) -> bytes:
+        loc = self.index.get(block_id)
+        if loc is None:
+            raise IntegrityError(f"block {block_id.hex()} is missing from the repository index")
+        try:
+            sealed = self.backend.get_range(layout.pack_key(loc.pack), loc.offset, loc.length)
+        except ObjectNotFound:
+            raise IntegrityError(f"pack {loc.pack} is missing from the repository") from None
+        data = envelope.open_(self.keys, sealed, block_id, Kind.BLOCK)
+        if self.keys.block_id(data) != block_id:
+            raise IntegrityError(f"block {block_id.hex()} content does not match its id")
+        return data
+
+    def file_block_ids(self, entry: FileEntry) -> list[bytes]:
+        if entry.blocks is not None:
+            return [bytes.fromhex(b) for b in entry.blocks]
+        if entry.blocklist is None:
+            return []
+        raw = self.read_block(bytes.fromhex(entry.blocklist))
+        return [raw[i : i + 32] for i in range(0, len(raw), 32)]
+
+    # -- WAL ------------------------------------------------------------------------------
+
+    def put_wal(self, stanza: str, name: str, data: bytes, codec: codecs.Codec, level: int | None) -> bool:
+        """Archive one WAL file. True if stored, False if the identical file was already there.
+
+        A different file under an existing name is an error: the archive never overwrites.
+        """
+        key = layout.wal_key(stanza, name)
+        sealed = envelope.seal(self.keys, Kind.WAL, data, key.encode(), codec, level)
+        if self.backend.put_if_absent(key, sealed):
+            return True
+        try:
+            existing = self.get_wal(stanza, name)
+        except IntegrityError:
+            raise WalError(f"WAL file {name} already exists in the repository and is unreadable: investigate before archiving again") from None
+        if existing == data:
+            return False
+        raise WalError(f"WAL file {name} already exists in the repository with different content: refusing to overwrite")
+
+    def get_wal(self, stanza: str, name: str) -> bytes:
+        key = layout.wal_key(stanza, name)
+        try:
+            return self._get_sealed(Kind.WAL, key)
+        except ObjectNotFound:
+            raise NotFoundError(f"WAL file {name} is not in the repository") from None
+
+    def has_wal(self, stanza: str, name: str) -> bool:
+        return self.backend.stat(layout.wal_key(stanza, name)) is not None
+
+    def list_wal(self, stanza: str) -> list[str]:
+        return [info.key.rsplit("/", 1)[1] for info in self.backend.list(layout.wal_prefix(stanza))]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
