@@ -75,8 +75,12 @@ class ArchiveSink:
             self._builder = None
 
 
-def _new_backup_id(kind: str) -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + ("F" if kind == "full" else "I")
+def _new_backup_id(repo: Repository, stanza: str, kind: str) -> str:
+    """UTC time of the start, to the second; ids sort in time order across types."""
+    existing = {b[:15] for b in repo.list_backups(stanza)}
+    while (stamp := time.strftime("%Y%m%d-%H%M%S", time.gmtime())) in existing:
+        time.sleep(0.2)
+    return stamp + ("F" if kind == "full" else "I")
 
 
 def _parse_annotations(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -102,7 +106,7 @@ def backup(opts: Options) -> BackupResult:
         ident = conn.identify_system()
         check_cluster(info, ident.system_id, conn.server_version)
         pg_version = conn.server_version
-        backup_id = _new_backup_id(kind)
+        backup_id = _new_backup_id(repo, stanza, kind)
         start_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         files: list[FileEntry] = []
         tablespaces: list[Tablespace] = []

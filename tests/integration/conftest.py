@@ -1,0 +1,74 @@
+"""Fixtures for end-to-end tests: a real cluster archiving into a pgvault repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.conftest import pg_versions
+from tests.support.pgserver import PgServer
+
+PASSPHRASE = "integration-test-passphrase"
+
+
+@dataclass
+class Vault:
+    """How tests call pgvault: always the real CLI in a subprocess, as PostgreSQL would."""
+
+    repo: Path
+    stanza: str = "main"
+    passphrase_file: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def base_args(self) -> list[str]:
+        args = [f"--stanza={self.stanza}", f"--repo={self.repo}"]
+        if self.passphrase_file:
+            args.append(f"--passphrase-file={self.passphrase_file}")
+        return args
+
+    def command_line(self) -> str:
+        """For archive_command / restore_command."""
+        return " ".join([sys.executable, "-m", "pgvault", *self.base_args()])
+
+    def run(self, *args: str, check: bool = True, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        proc = subprocess.run(
+            [sys.executable, "-m", "pgvault", *self.base_args(), *args],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"pgvault {' '.join(args)} exited {proc.returncode}: {proc.stderr}{proc.stdout}")
+        return proc
+
+
+@pytest.fixture
+def make_vault(tmp_path: Path) -> Callable[..., Vault]:
+    def make(encrypted: bool = False, stanza: str = "main", repo: Path | None = None) -> Vault:
+        passfile = None
+        if encrypted:
+            passfile = tmp_path / f"passphrase-{stanza}"
+            passfile.write_text(PASSPHRASE + "\n")
+            passfile.chmod(0o600)
+        return Vault(repo=repo or tmp_path / "repo", stanza=stanza, passphrase_file=passfile)
+
+    return make
+
+
+@pytest.fixture
+def one_pg_major(request: pytest.FixtureRequest) -> int:
+    """Error-path tests run on one version: 15 when selected, else the first selected."""
+    versions = pg_versions(request.config)
+    return 15 if 15 in versions else versions[0]
+
+
+def archived_cluster(make_server: Callable[..., PgServer], major: int, vault: Vault) -> PgServer:
+    """A started cluster whose archive_command pushes into the vault, with its stanza created."""
+    server = make_server(major, archive_command=f"{vault.command_line()} wal-push %p")
+    vault.run(f"--pg-conninfo={server.conninfo()}", "stanza-create")
+    return server
