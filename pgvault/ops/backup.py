@@ -121,7 +121,7 @@ def backup(opts: Options) -> BackupResult:
                     assert tar is not None
                     tar.feed(event.data)
                 elif isinstance(event, ArchiveStart):
-                    tar = TarStream(ArchiveSink(store, event.tablespace_oid, files))
+                    tar = TarStream(ArchiveSink(store, event.tablespace_oid, files), end_marker=event.end_marker)
                 elif isinstance(event, ArchiveEnd):
                     assert tar is not None
                     tar.finish()

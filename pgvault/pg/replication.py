@@ -37,6 +37,8 @@ class ArchiveStart:
 
     tablespace_oid: int | None
     location: str | None
+    # PG15+ ends each tar with the two zero blocks; PG14's server leaves them out.
+    end_marker: bool = True
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ class ReplicationConnection:
             elif status == pq.ExecStatus.COPY_OUT:
                 if copies < len(tablespaces):
                     ts = tablespaces[copies]
-                    yield ArchiveStart(ts.oid, ts.location)
+                    yield ArchiveStart(ts.oid, ts.location, end_marker=False)
                     for chunk in self._copy_chunks():
                         yield ArchiveData(chunk)
                     yield ArchiveEnd()

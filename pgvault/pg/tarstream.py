@@ -81,8 +81,11 @@ def parse_header(block: bytes) -> TarMember | None:
 class TarStream:
     """Feed bytes with feed(); the sink sees members in order. finish() checks completeness."""
 
-    def __init__(self, sink: TarSink) -> None:
+    def __init__(self, sink: TarSink, *, end_marker: bool = True) -> None:
         self._sink = sink
+        # PG15+ sends the two zero end-of-archive blocks; PG14 does not (its pg_basebackup
+        # appended them), so there only a clean member boundary marks the end.
+        self._need_end = end_marker
         self._header = bytearray()
         self._remaining = 0  # data bytes left in the current member
         self._padding = 0  # padding bytes to skip after it
@@ -132,7 +135,7 @@ class TarStream:
         self._sink.member_end()
 
     def finish(self) -> None:
-        # PostgreSQL always sends the end-of-archive zero blocks, so their absence means
-        # the stream was cut short, even when the cut fell between members.
-        if self._remaining or self._in_member or self._header or self._padding or not self._ended:
+        # Where the server sends the end-of-archive blocks, their absence means the stream
+        # was cut short, even when the cut fell between members.
+        if self._remaining or self._in_member or self._header or self._padding or (self._need_end and not self._ended):
             raise PostgresError("base backup stream ended before the end of the archive")

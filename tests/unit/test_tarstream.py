@@ -81,3 +81,21 @@ def test_corrupt_header_is_an_error() -> None:
     raw[600] ^= 0xFF  # inside the second header
     with pytest.raises(PostgresError, match="checksum"):
         TarStream(Collect()).feed(memoryview(bytes(raw)))
+
+
+
+def test_stream_without_end_marker_when_allowed() -> None:
+    """PG14 sends no end-of-archive blocks: a clean member boundary must be accepted."""
+    raw, _ = make_tar()
+    end_of_members = len(raw.rstrip(b"\0"))
+    end_of_members += (-end_of_members) % 512
+    cut = memoryview(raw[:end_of_members])
+    sink = Collect()
+    stream = TarStream(sink, end_marker=False)
+    stream.feed(cut)
+    stream.finish()
+    assert len(sink.members) == 5
+    strict = TarStream(Collect())
+    strict.feed(cut)
+    with pytest.raises(PostgresError):
+        strict.finish()
