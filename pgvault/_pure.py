@@ -38,11 +38,16 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections.abc import Callable
 from functools import lru_cache
 from operator import index as _index
 from operator import itemgetter
+from typing import TYPE_CHECKING
 
 import xxhash
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12 on
 
 __all__ = ["IMPL", "block_digests", "changed_blocks", "checksum_page", "verify_pages"]
 
@@ -80,7 +85,7 @@ _HEADER = struct.Struct("=8xH4xH")
 _FOLDED = struct.Struct("<I124x")
 
 
-def _byte_view(obj: object) -> memoryview:
+def _byte_view(obj: Buffer) -> memoryview:
     """A flat unsigned-byte view of any C-contiguous buffer (what PyBUF_SIMPLE accepts)."""
     mv = memoryview(obj)  # TypeError if obj is not a buffer
     if not mv.c_contiguous:
@@ -90,19 +95,17 @@ def _byte_view(obj: object) -> memoryview:
     return mv
 
 
-def _check_blkno(blkno: object, npages: int, name: str) -> int:
+def _check_blkno(blkno: int, npages: int, name: str) -> int:
     b = _index(blkno)
     last = b + (npages - 1 if npages > 0 else 0)
     if b < 0 or last > _MAX_BLKNO:
         if npages > 1:
-            raise ValueError(
-                f"{name}={b} with {npages} pages runs past the largest block number {_MAX_BLKNO}"
-            )
+            raise ValueError(f"{name}={b} with {npages} pages runs past the largest block number {_MAX_BLKNO}")
         raise ValueError(f"{name} must be in 0..{_MAX_BLKNO}, got {b}")
     return b
 
 
-def _check_positive(value: object, name: str) -> int:
+def _check_positive(value: int, name: str) -> int:
     v = _index(value)
     if v <= 0:
         raise ValueError(f"{name} must be positive, got {v}")
@@ -116,7 +119,7 @@ def _pack_slots(values: list[int]) -> int:
 
 
 @lru_cache(maxsize=8)
-def _constants(k: int) -> tuple[int, int, int, int, itemgetter | None]:
+def _constants(k: int) -> tuple[int, int, int, int, Callable[[bytes], tuple[bytes, ...]] | None]:
     """Packed constants for k pages side by side; slot index = page * 16 + column // 2."""
     nslots = k * _SLOTS_PER_ROW
     base_even = _pack_slots([_CHECKSUM_BASE_OFFSETS[2 * q] for _ in range(k) for q in range(16)])
@@ -176,7 +179,7 @@ def _finish(block_sum: int, blkno: int) -> int:
     return ((block_sum ^ blkno) % 65535) + 1
 
 
-def checksum_page(page: object, blkno: int) -> int:
+def checksum_page(page: Buffer, blkno: int) -> int:
     """PostgreSQL's pg_checksum_page(page, blkno): uint16 in 1..65535.
 
     ``page`` is any C-contiguous buffer of exactly 8192 bytes; its pd_checksum field
@@ -191,7 +194,7 @@ def checksum_page(page: object, blkno: int) -> int:
     return _finish(_block_sums(data, 1)[0], b)
 
 
-def verify_pages(buf: object, first_blkno: int) -> list[int]:
+def verify_pages(buf: Buffer, first_blkno: int) -> list[int]:
     """Absolute block numbers of the pages in ``buf`` that fail their checksum.
 
     ``buf`` is a C-contiguous buffer whose length is a multiple of 8192. Page i has block
@@ -221,7 +224,7 @@ def verify_pages(buf: object, first_blkno: int) -> list[int]:
     return bad
 
 
-def block_digests(buf: object, block_size: int) -> bytes:
+def block_digests(buf: Buffer, block_size: int) -> bytes:
     """xxh3-128 digests (16 bytes each, canonical big-endian) of each ``block_size`` piece.
 
     The last piece may be short; an empty buffer gives ``b""``. Equal to
@@ -233,7 +236,7 @@ def block_digests(buf: object, block_size: int) -> bytes:
     return b"".join([digest(mv[i : i + bs]) for i in range(0, mv.nbytes, bs)])
 
 
-def changed_blocks(new_digests: object, old_digests: object, width: int = 16) -> list[int]:
+def changed_blocks(new_digests: Buffer, old_digests: Buffer, width: int = 16) -> list[int]:
     """Indices i whose ``width``-byte digest in ``new_digests`` differs from the one in
     ``old_digests``, or that lie beyond the end of ``old_digests``.
 

@@ -14,7 +14,7 @@ from pgvault import __version__
 from pgvault.config import Options
 from pgvault.errors import ConfigError, WalError
 from pgvault.ops.common import check_cluster, open_repository
-from pgvault.pg import wal
+from pgvault.pg import relfile, wal
 from pgvault.pg.replication import (
     ArchiveData,
     ArchiveEnd,
@@ -43,10 +43,14 @@ class BackupResult:
 class ArchiveSink:
     """TarSink for one tablespace archive: members become FileEntries."""
 
-    def __init__(self, store: BlockStore, tablespace: int | None, files: list[FileEntry]) -> None:
+    def __init__(
+        self, store: BlockStore, tablespace: int | None, files: list[FileEntry], verify_from_lsn: int | None
+    ) -> None:
+        """verify_from_lsn: check page checksums of pages older than this LSN (None: off)."""
         self.store = store
         self.tablespace = tablespace
         self.files = files
+        self.verify_from_lsn = verify_from_lsn
         self._builder: FileBuilder | None = None
 
     def member_start(self, member: TarMember) -> None:
@@ -63,7 +67,8 @@ class ArchiveSink:
         )
         self.files.append(entry)
         if member.type == "f":
-            self._builder = FileBuilder(self.store, entry, lambda _e: None)
+            first = relfile.first_block(member.name) if self.verify_from_lsn is not None else None
+            self._builder = FileBuilder(self.store, entry, lambda _e: None, first, self.verify_from_lsn or 0)
 
     def member_data(self, data: memoryview) -> None:
         assert self._builder is not None
@@ -106,6 +111,7 @@ def backup(opts: Options) -> BackupResult:
         ident = conn.identify_system()
         check_cluster(info, ident.system_id, conn.server_version)
         pg_version = conn.server_version
+        data_checksums = conn.show("data_checksums") == "on"
         backup_id = _new_backup_id(repo, stanza, kind)
         start_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         files: list[FileEntry] = []
@@ -116,12 +122,14 @@ def backup(opts: Options) -> BackupResult:
             start = end = None
             tar: TarStream | None = None
             manifest_builder: FileBuilder | None = None
-            for event in conn.base_backup(f"pgvault backup {backup_id}"):
+            for event in conn.base_backup(f"pgvault backup {backup_id}", verify_checksums=False):
                 if isinstance(event, ArchiveData):
                     assert tar is not None
                     tar.feed(event.data)
                 elif isinstance(event, ArchiveStart):
-                    tar = TarStream(ArchiveSink(store, event.tablespace_oid, files), end_marker=event.end_marker)
+                    assert start is not None
+                    sink = ArchiveSink(store, event.tablespace_oid, files, start.lsn if data_checksums else None)
+                    tar = TarStream(sink, end_marker=event.end_marker)
                 elif isinstance(event, ArchiveEnd):
                     assert tar is not None
                     tar.finish()
@@ -173,6 +181,9 @@ def backup(opts: Options) -> BackupResult:
     )
     manifest.repo_bytes_added = store.packs.bytes_written
     manifest.repo_bytes_added += repo.save_manifest(manifest)
+    failures = sum(len(f.checksum_failures or ()) for f in files)
+    if failures:
+        log.warning("backup %s found %d page checksum failures: see 'pgvault info'", backup_id, failures)
     log.info("backup %s complete: %d files, %d new of %d blocks", backup_id, len(files), store.blocks_new, store.blocks_total)
     return BackupResult(manifest)
 

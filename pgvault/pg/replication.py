@@ -191,22 +191,30 @@ class ReplicationConnection:
             rows.append([None if res.get_value(r, c) is None else _text(res.get_value(r, c)) for c in range(res.nfields)])
         return rows
 
-    def base_backup(self, label: str, *, fast: bool = True, incremental: bool = False) -> Iterator[BackupEvent]:
+    def base_backup(
+        self, label: str, *, fast: bool = True, incremental: bool = False, verify_checksums: bool = True
+    ) -> Iterator[BackupEvent]:
         """Run BASE_BACKUP and yield its events in stream order.
 
         Options: TABLESPACE_MAP so a restore can remap tablespaces; MANIFEST so the server's
         own backup_manifest (needed for PG17 incrementals and pg_verifybackup) is kept;
         WAIT false because pgvault itself waits for the WAL to reach its repository.
+        verify_checksums=False leaves page checksums to the client: the walsender's CPU is the
+        bottleneck, and a server-side failure would abort the whole backup at its very end.
         """
         new_format = self.server_version >= 150000
         if new_format:
             opts = [f"LABEL {_quote(label)}", f"CHECKPOINT {_quote('fast' if fast else 'spread')}",
                     "WAIT false", "MANIFEST 'yes'", "TABLESPACE_MAP true"]
+            if not verify_checksums:
+                opts.append("VERIFY_CHECKSUMS false")
             if incremental:
                 opts.append("INCREMENTAL")
             sql = f"BASE_BACKUP ({', '.join(opts)})"
         else:
             sql = f"BASE_BACKUP LABEL {_quote(label)} {'FAST ' if fast else ''}NOWAIT MANIFEST 'yes' TABLESPACE_MAP"
+            if not verify_checksums:
+                sql += " NOVERIFY_CHECKSUMS"
         self._pg.send_query(sql.encode())
         yield from (self._new_format_events() if new_format else self._old_format_events())
 

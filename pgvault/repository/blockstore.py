@@ -7,15 +7,33 @@ sealed and appended to a pack, in the worker pool.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+from pgvault import _accel
+from pgvault.pg.relfile import PAGE_SIZE, page_lsn
 from pgvault.pipeline import codecs, envelope
 from pgvault.pipeline.pool import OrderedPool
 from pgvault.repository.manifest import INLINE_BLOCKS, FileEntry
 from pgvault.repository.packs import PackWriter
 from pgvault.repository.repository import Repository
 
-BlockResult = tuple[bytes, "bytes | None", int]
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    block_id: bytes
+    sealed: bytes | None  # None: the repository already has the block
+    checksum_failures: list[int]
+
+
+@dataclass(frozen=True)
+class PageCheck:
+    """Verify PostgreSQL page checksums in a block; pages at or after start_lsn are skipped,
+    as they may be torn by concurrent writes and WAL replay rewrites them anyway."""
+
+    first_block: int
+    start_lsn: int
 
 
 class BlockStore:
@@ -32,30 +50,37 @@ class BlockStore:
         self.blocks_total = 0
         self.blocks_new = 0
 
-    def _seal_block(self, data: bytes) -> BlockResult:
-        """Worker: content id, and the sealed block only when the repository lacks it."""
+    def _seal_block(self, data: bytes, check: PageCheck | None) -> BlockResult:
+        """Worker: page checksums, content id, and the sealed block only when it is new."""
+        failures: list[int] = []
+        if check is not None:
+            whole = len(data) - len(data) % PAGE_SIZE
+            for blkno in _accel.verify_pages(memoryview(data)[:whole], check.first_block):
+                offset = (blkno - check.first_block) * PAGE_SIZE
+                if page_lsn(data[offset : offset + 8]) < check.start_lsn:
+                    failures.append(blkno)
         block_id = self.keys.block_id(data)
         if self.packs.has(block_id):
-            return block_id, None, len(data)
-        return block_id, envelope.seal(self.keys, envelope.Kind.BLOCK, data, block_id, self.codec, self.level), len(data)
+            return BlockResult(block_id, None, failures)
+        sealed = envelope.seal(self.keys, envelope.Kind.BLOCK, data, block_id, self.codec, self.level)
+        return BlockResult(block_id, sealed, failures)
 
-    def submit(self, data: bytes, on_id: Callable[[bytes], None]) -> None:
+    def submit(self, data: bytes, check: PageCheck | None, on_done: Callable[[BlockResult], None]) -> None:
         def done(result: BlockResult) -> None:
-            block_id, sealed, _size = result
             self.blocks_total += 1
-            if sealed is not None and not self.packs.has(block_id):
-                self.packs.add(block_id, sealed)
+            if result.sealed is not None and not self.packs.has(result.block_id):
+                self.packs.add(result.block_id, result.sealed)
                 self.blocks_new += 1
-            on_id(block_id)
+            on_done(result)
 
-        self.pool.submit(self._seal_block, data, on_done=done)
+        self.pool.submit(self._seal_block, data, check, on_done=done)
 
     def store_now(self, data: bytes) -> bytes:
         """Store one small block synchronously (block lists); returns its id."""
-        block_id, sealed, _ = self._seal_block(data)
-        if sealed is not None and not self.packs.has(block_id):
-            self.packs.add(block_id, sealed)
-        return block_id
+        result = self._seal_block(data, None)
+        if result.sealed is not None and not self.packs.has(result.block_id):
+            self.packs.add(result.block_id, result.sealed)
+        return result.block_id
 
     def finish(self) -> None:
         self.pool.finish()
@@ -65,10 +90,21 @@ class BlockStore:
 class FileBuilder:
     """Accumulates one file's data into blocks and fills entry.blocks/blocklist when done."""
 
-    def __init__(self, store: BlockStore, entry: FileEntry, on_complete: Callable[[FileEntry], None]) -> None:
+    def __init__(
+        self,
+        store: BlockStore,
+        entry: FileEntry,
+        on_complete: Callable[[FileEntry], None],
+        first_block: int | None = None,
+        start_lsn: int = 0,
+    ) -> None:
+        """first_block: verify page checksums, numbering pages from it (None: do not)."""
         self.store = store
         self.entry = entry
         self.on_complete = on_complete
+        self._first_block = first_block
+        self._start_lsn = start_lsn
+        self._failures: list[int] = []
         self.block_size = store.block_size
         entry.block_size = self.block_size
         self._buffer = bytearray()
@@ -94,14 +130,18 @@ class FileBuilder:
         slot = len(self._ids)
         self._ids.append(None)
         self._pending += 1
+        check = None
+        if self._first_block is not None:
+            check = PageCheck(self._first_block + slot * self.block_size // PAGE_SIZE, self._start_lsn)
 
-        def on_id(block_id: bytes) -> None:
-            self._ids[slot] = block_id
+        def on_done(result: BlockResult) -> None:
+            self._ids[slot] = result.block_id
+            self._failures.extend(result.checksum_failures)
             self._pending -= 1
             if self._closed and not self._pending:
                 self._complete()
 
-        self.store.submit(block, on_id)
+        self.store.submit(block, check, on_done)
 
     def close(self) -> None:
         if self._buffer:
@@ -114,6 +154,8 @@ class FileBuilder:
     def _complete(self) -> None:
         ids = [i for i in self._ids if i is not None]
         assert len(ids) == len(self._ids)
+        if self._failures:
+            self.entry.checksum_failures = sorted(self._failures)
         if len(ids) <= INLINE_BLOCKS:
             self.entry.blocks = [i.hex() for i in ids]
         else:

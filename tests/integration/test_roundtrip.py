@@ -93,3 +93,23 @@ def test_second_backup_stores_only_new_blocks(
     assert first["blocks_new"] > first["blocks_total"] / 2
     assert second["blocks_new"] < second["blocks_total"] / 5
     assert second["repo_bytes_added"] < first["repo_bytes_added"] / 2
+
+
+def test_page_checksum_failures_are_recorded(
+    one_pg_major: int, make_vault: Callable[..., Vault], pg_server_factory: Callable[..., PgServer]
+) -> None:
+    vault = make_vault()
+    source = archived_cluster(pg_server_factory, one_pg_major, vault)
+    source.psql("create table victim as select g as id, md5(g::text) as t from generate_series(1, 50000) g; checkpoint;")
+    relpath = source.psql("select pg_relation_filepath('victim')")
+    source.stop()
+    data_file = source.data_dir / relpath
+    raw = bytearray(data_file.read_bytes())
+    raw[5 * 8192 + 4000] ^= 0xFF  # inside the tuples of page 5
+    data_file.write_bytes(bytes(raw))
+    source.start()
+    proc = vault.run(f"--pg-conninfo={source.conninfo()}", "backup")
+    assert "1 page checksum failures" in proc.stderr
+    backup = json.loads(vault.run("info", "--output=json").stdout)[0]["backups"][0]
+    assert backup["checksum_failures"] == 1
+    assert "checksum failures: 1" in vault.run("info").stdout

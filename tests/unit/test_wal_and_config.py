@@ -72,3 +72,15 @@ def test_recovery_settings_are_not_stacked(tmp_path: Path) -> None:
     assert text.count("restore_command") == 1 and text.count("recovery_target_xid") == 1
     assert "work_mem = '8MB'" in text and "'old'" not in text
     assert (tmp_path / "recovery.signal").exists()
+
+
+def test_relation_files_and_block_numbers() -> None:
+    from pgvault.pg.relfile import RELSEG_PAGES, first_block
+
+    assert first_block("base/5/16384") == 0
+    assert first_block("base/5/16384.3") == 3 * RELSEG_PAGES
+    assert first_block("base/5/16384_fsm") == 0
+    assert first_block("global/1262_vm") == 0
+    assert first_block("PG_17_202406281/5/16390.1") == RELSEG_PAGES
+    for other in ("base/5/pg_filenode.map", "base/5/PG_VERSION", "global/pg_control", "pg_xact/0000", "base/5/t3_16384"):
+        assert first_block(other) is None
