@@ -102,8 +102,8 @@ class ReplicationConnection:
     @staticmethod
     def _explain_connect_error(message: str) -> str:
         line = _first_line(message)
-        if "superuser or replication role" in message:
-            return f"cannot start a backup: {line}; grant it with ALTER ROLE ... REPLICATION"
+        if "superuser or replication role" in message or "permission denied to start WAL sender" in message:
+            return f"cannot start a backup: the role lacks the REPLICATION attribute ({line}); grant it with ALTER ROLE ... REPLICATION"
         if "no pg_hba.conf entry for replication" in message:
             return f"cannot start a backup: {line}; add a 'replication' line to pg_hba.conf"
         return f"cannot connect to PostgreSQL for replication: {line}"

@@ -129,6 +129,7 @@ def test_corrupted_block_fails_restore_loudly(backed_up: tuple[Vault, PgServer],
 
 def test_wal_push_is_idempotent_and_never_overwrites(backed_up: tuple[Vault, PgServer], tmp_path: Path) -> None:
     vault, server = backed_up
+    server.psql("create table force_a_switch (); drop table force_a_switch;")
     name = server.switch_wal_and_wait_archived()
     segment = tmp_path / name
     vault.run("wal-fetch", name, str(segment))
