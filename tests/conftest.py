@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -21,11 +21,9 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # plain `pytest` (unlike `python -m pytest`) omits the cwd
     sys.path.insert(0, str(_ROOT))
 
-from tests.support.pgserver import ConfValue, PgServer, stop_all  # noqa: E402
+from tests.support.pgserver import ConfValue, PgServer, PgServerFactory, stop_all  # noqa: E402
 
 DEFAULT_PG_VERSIONS = "14,15,16,17,18"
-
-PgServerFactory = Callable[..., PgServer]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -208,7 +208,7 @@ def _make_world_readable(root: Path) -> None:
 
     The cache is typically filled by root and used by the unprivileged test user.
     """
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o755)
         for fname in filenames:
             path = os.path.join(dirpath, fname)

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -31,7 +31,8 @@ ConfValue = str | int | float | bool
 #: Managed config file (included from postgresql.conf) holding our settings.
 MANAGED_CONF = "pgvault_test.conf"
 
-_LIVE: set[PgServer] = set()
+#: Every server not yet cleaned up (running or not: each owns a socket directory).
+_ALL: set[PgServer] = set()
 _HANDED_OUT_PORTS: set[int] = set()
 
 
@@ -77,8 +78,9 @@ def _clean_env() -> dict[str, str]:
 
 
 def stop_all() -> None:
-    """Stop every server this process started (immediate mode); used at exit."""
-    for server in list(_LIVE):
+    """Stop every server this process started (immediate mode) and remove their
+    socket directories; registered with atexit."""
+    for server in list(_ALL):
         server.cleanup()
 
 
@@ -118,6 +120,7 @@ class PgServer:
         self._cmdline_conf: dict[str, str] = {}
         self._managed: dict[str, str] = {}
         self._version_num: int | None = None
+        _ALL.add(self)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -222,6 +225,8 @@ class PgServer:
         :class:`PgServerError` with the log tail on failure.
         """
         self._refuse_root()
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)  # may have been cleaned up
+        _ALL.add(self)
         for attempt in range(3):
             log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
             opts = ["-p", str(self.port), "-k", str(self.socket_dir), "-h", "127.0.0.1"]
@@ -234,7 +239,6 @@ class PgServer:
                 env=self._proc_env(), capture_output=True, text=True, check=False,
             )
             if proc.returncode == 0:
-                _LIVE.add(self)
                 self._version_num = None
                 return self
             log = self._log_since(log_offset)
@@ -255,14 +259,12 @@ class PgServer:
     def stop(self, mode: str = "fast", *, timeout: int = 120) -> None:
         """Stop the server (no-op if not running); falls back to immediate mode."""
         if not self.is_running:
-            _LIVE.discard(self)
             return
         proc = self._pg_ctl("stop", "-m", mode, "-w", "-t", str(timeout))
         if proc.returncode != 0 and mode != "immediate":
             proc = self._pg_ctl("stop", "-m", "immediate", "-w", "-t", "60")
         if proc.returncode != 0 and self.is_running:
             raise PgServerError(f"could not stop PostgreSQL {self.data_dir}:\n{proc.stderr}")
-        _LIVE.discard(self)
 
     def restart(self, *, timeout: int = 120) -> PgServer:
         """Stop (fast) and start again, re-applying port, socket dir and ``-c`` options."""
@@ -292,7 +294,7 @@ class PgServer:
             if self.is_running:
                 self._pg_ctl("stop", "-m", "immediate", "-w", "-t", "60")
         finally:
-            _LIVE.discard(self)
+            _ALL.discard(self)
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def __enter__(self) -> PgServer:
@@ -433,3 +435,7 @@ class PgServer:
 
     def __repr__(self) -> str:
         return f"PgServer(major={self.major}, port={self.port}, data_dir={str(self.data_dir)!r})"
+
+
+#: Type of the ``pg_server_factory`` / ``pg_wrap_factory`` fixtures (see tests/conftest.py).
+PgServerFactory = Callable[..., PgServer]
