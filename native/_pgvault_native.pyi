@@ -1,0 +1,24 @@
+# Type stub for the extension module pgvault._native (built from _pgvault_native.pyx).
+# Type checkers only find it as pgvault/_native.pyi: see native/build.md.
+# Same interface as pgvault/_pure.py; import both through pgvault._accel.
+
+from typing import Final
+
+from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12 on
+
+IMPL: Final[str]  # "native"
+
+def checksum_page(page: Buffer, blkno: int) -> int:
+    """PostgreSQL's pg_checksum_page for one 8192-byte page: 1..65535 (pd_checksum read as 0)."""
+
+def verify_pages(buf: Buffer, first_blkno: int) -> list[int]:
+    """Relation-absolute block numbers of non-new pages whose pd_checksum is wrong.
+
+    first_blkno = segno * 131072 + block within the segment file. Releases the GIL.
+    """
+
+def block_digests(buf: Buffer, block_size: int) -> bytes:
+    """Concatenated xxh3-128 digests (16 bytes, canonical) of each block_size piece."""
+
+def changed_blocks(new_digests: Buffer, old_digests: Buffer, width: int = 16) -> list[int]:
+    """Indices whose width-byte digest differs from old_digests or lies beyond its end."""
