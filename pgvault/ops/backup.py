@@ -2,17 +2,21 @@
 
 Nothing is visible until the manifest is written: a backup killed midway leaves only
 packs that no manifest names (garbage collection removes them; a rerun reuses their blocks).
+
+On PostgreSQL 17+ with summarize_wal, `--type incr` uploads the parent's backup_manifest and
+asks for an INCREMENTAL stream, so the server reads and sends only changed pages; the files are
+rebuilt against the parent's blocks, so the new manifest is still complete.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pgvault import __version__
 from pgvault.config import Options
-from pgvault.errors import ConfigError, WalError
+from pgvault.errors import ConfigError, PostgresError, WalError
 from pgvault.ops.common import check_cluster, open_repository
 from pgvault.pg import relfile, wal
 from pgvault.pg.replication import (
@@ -28,6 +32,7 @@ from pgvault.pg.replication import (
 from pgvault.pg.tarstream import TarMember, TarStream
 from pgvault.pipeline.codecs import codec_by_name
 from pgvault.pipeline.pool import OrderedPool
+from pgvault.repository import incremental
 from pgvault.repository.blockstore import BlockResult, BlockStore, FileBuilder
 from pgvault.repository.manifest import FileEntry, Manifest, Tablespace
 from pgvault.repository.repository import Repository
@@ -40,22 +45,51 @@ class BackupResult:
     manifest: Manifest
 
 
+@dataclass
+class Parent:
+    """The backup an incremental stream is relative to: its files by (tablespace, path)."""
+
+    manifest: Manifest
+    files: dict[tuple[int | None, str], FileEntry]
+
+
+@dataclass
+class Stream:
+    """What one BASE_BACKUP produced."""
+
+    start: BackupStart | None = None
+    end: BackupEnd | None = None
+    files: list[FileEntry] = field(default_factory=list)
+    tablespaces: list[Tablespace] = field(default_factory=list)
+    server_manifest: FileEntry = field(default_factory=lambda: FileEntry(path="backup_manifest", type="f", mode=0o600))
+    started: bool = False
+
+
 class ArchiveSink:
     """TarSink for one tablespace archive: members become FileEntries."""
 
     def __init__(
-        self, store: BlockStore, tablespace: int | None, files: list[FileEntry], verify_from_lsn: int | None
+        self,
+        store: BlockStore,
+        tablespace: int | None,
+        files: list[FileEntry],
+        verify_from_lsn: int | None,
+        parent: Parent | None,
     ) -> None:
         """verify_from_lsn: check page checksums of pages older than this LSN (None: off)."""
         self.store = store
         self.tablespace = tablespace
         self.files = files
         self.verify_from_lsn = verify_from_lsn
+        self.parent = parent
         self._builder: FileBuilder | None = None
+        self._label: bytearray | None = None
 
     def member_start(self, member: TarMember) -> None:
+        path = member.name
+        rebuilt = incremental.full_name(path) if self.parent else None
         entry = FileEntry(
-            path=member.name,
+            path=rebuilt or path,
             type=member.type,
             mode=member.mode,
             size=member.size,
@@ -66,18 +100,43 @@ class ArchiveSink:
             link=member.linkname if member.type == "l" else None,
         )
         self.files.append(entry)
-        if member.type == "f":
-            first = relfile.first_block(member.name) if self.verify_from_lsn is not None else None
-            self._builder = FileBuilder(self.store, entry, lambda _e: None, first, self.verify_from_lsn or 0)
+        if member.type != "f":
+            return
+        first = relfile.first_block(entry.path) if self.verify_from_lsn is not None else None
+        start_lsn = self.verify_from_lsn or 0
+        if rebuilt is not None:
+            assert self.parent is not None
+            base = self.parent.files.get((self.tablespace, rebuilt))
+            if base is None:
+                raise PostgresError(f"the server sent {path} as incremental, but the parent backup lacks {rebuilt}")
+            ids = self.store.repo.file_block_ids(base)
+            self._builder = incremental.IncrementalFileBuilder(self.store, entry, ids, base.size, first, start_lsn)
+        elif self.parent is not None and self.tablespace is None and path == "backup_label":
+            self._label = bytearray()
+            self._builder = FileBuilder(self.store, entry, lambda _e: None)
+        else:
+            self._builder = FileBuilder(self.store, entry, lambda _e: None, first, start_lsn)
 
     def member_data(self, data: memoryview) -> None:
+        if self._label is not None:
+            self._label += data
+            return
         assert self._builder is not None
         self._builder.write(data)
 
     def member_end(self) -> None:
-        if self._builder is not None:
-            self._builder.close()
-            self._builder = None
+        if self._builder is None:
+            return
+        if self._label is not None:
+            # PostgreSQL refuses to start from a backup_label that names an incremental
+            # parent; the rebuilt files make this a full backup, as pg_combinebackup does.
+            lines = self._label.decode().splitlines(keepends=True)
+            label = "".join(line for line in lines if not line.startswith("INCREMENTAL FROM")).encode()
+            self._builder.entry.size = len(label)
+            self._builder.write(memoryview(label))
+            self._label = None
+        self._builder.close()
+        self._builder = None
 
 
 def _new_backup_id(repo: Repository, stanza: str, kind: str) -> str:
@@ -98,6 +157,62 @@ def _parse_annotations(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _incremental_parent(repo: Repository, stanza: str, conn: ReplicationConnection) -> tuple[Parent | None, str]:
+    """The parent for a PG17 incremental stream, or None and the reason there is none."""
+    if conn.server_version < 170000:
+        return None, f"PostgreSQL {conn.server_version // 10000} has no incremental BASE_BACKUP"
+    if conn.show("summarize_wal") != "on":
+        return None, "summarize_wal is off"
+    backups = repo.list_backups(stanza)
+    if not backups:
+        return None, "there is no earlier backup"
+    manifest = repo.load_manifest(stanza, backups[-1])
+    if manifest.server_manifest is None or manifest.pg_version < 170000:
+        return None, f"backup {manifest.backup_id} has no PostgreSQL 17 backup_manifest"
+    files = {(f.tablespace, f.path): f for f in manifest.files if f.type == "f"}
+    return Parent(manifest, files), ""
+
+
+def _stream(
+    conn: ReplicationConnection,
+    store: BlockStore,
+    label: str,
+    verify: bool,
+    parent: Parent | None,
+) -> Stream:
+    out = Stream()
+    tar: TarStream | None = None
+    manifest_builder: FileBuilder | None = None
+    for event in conn.base_backup(label, verify_checksums=False, incremental=parent is not None):
+        if isinstance(event, ArchiveData):
+            assert tar is not None
+            tar.feed(event.data)
+        elif isinstance(event, ArchiveStart):
+            assert out.start is not None
+            out.started = True
+            sink = ArchiveSink(store, event.tablespace_oid, out.files, out.start.lsn if verify else None, parent)
+            tar = TarStream(sink, end_marker=event.end_marker)
+        elif isinstance(event, ArchiveEnd):
+            assert tar is not None
+            tar.finish()
+            tar = None
+        elif isinstance(event, ManifestData):
+            if manifest_builder is None:
+                manifest_builder = FileBuilder(store, out.server_manifest, lambda _e: None)
+            manifest_builder.write(event.data)
+            out.server_manifest.size += len(event.data)
+        elif isinstance(event, BackupStart):
+            out.start = event
+        elif isinstance(event, TablespaceRow):
+            if event.oid is not None and event.location is not None:
+                out.tablespaces.append(Tablespace(event.oid, event.location))
+        elif isinstance(event, BackupEnd):
+            out.end = event
+    if manifest_builder is not None:
+        manifest_builder.close()
+    return out
+
+
 def backup(opts: Options) -> BackupResult:
     stanza = opts.require_stanza()
     kind = opts.type or "incr"
@@ -106,86 +221,81 @@ def backup(opts: Options) -> BackupResult:
     annotations = _parse_annotations(opts.annotation)
     repo = open_repository(opts)
     info = repo.stanza_info(stanza)
-    store_codec = codec_by_name(opts.compress)
-    with ReplicationConnection(opts.pg_conninfo) as conn:
+    conn = ReplicationConnection(opts.pg_conninfo)
+    try:
         ident = conn.identify_system()
         check_cluster(info, ident.system_id, conn.server_version)
         pg_version = conn.server_version
-        data_checksums = conn.show("data_checksums") == "on"
+        verify = conn.show("data_checksums") == "on"
         backup_id = _new_backup_id(repo, stanza, kind)
         start_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        files: list[FileEntry] = []
-        tablespaces: list[Tablespace] = []
-        server_manifest = FileEntry(path="backup_manifest", type="f", mode=0o600)
+        parent: Parent | None = None
+        if kind == "incr":
+            parent, reason = _incremental_parent(repo, stanza, conn)
+            if parent is None:
+                log.info("streaming every page: %s", reason)
+        label = f"pgvault backup {backup_id}"
         with OrderedPool[BlockResult](opts.jobs, max_inflight=opts.jobs * 8) as pool:
-            store = BlockStore(repo, pool, store_codec, opts.compress_level)
-            start = end = None
-            tar: TarStream | None = None
-            manifest_builder: FileBuilder | None = None
-            for event in conn.base_backup(f"pgvault backup {backup_id}", verify_checksums=False):
-                if isinstance(event, ArchiveData):
-                    assert tar is not None
-                    tar.feed(event.data)
-                elif isinstance(event, ArchiveStart):
-                    assert start is not None
-                    sink = ArchiveSink(store, event.tablespace_oid, files, start.lsn if data_checksums else None)
-                    tar = TarStream(sink, end_marker=event.end_marker)
-                elif isinstance(event, ArchiveEnd):
-                    assert tar is not None
-                    tar.finish()
-                    tar = None
-                elif isinstance(event, ManifestData):
-                    if manifest_builder is None:
-                        manifest_builder = FileBuilder(store, server_manifest, lambda _e: None)
-                    manifest_builder.write(event.data)
-                    server_manifest.size += len(event.data)
-                elif isinstance(event, BackupStart):
-                    start = event
-                elif isinstance(event, TablespaceRow):
-                    if event.oid is not None and event.location is not None:
-                        tablespaces.append(Tablespace(event.oid, event.location))
-                elif isinstance(event, BackupEnd):
-                    end = event
-            if manifest_builder is not None:
-                manifest_builder.close()
+            store = BlockStore(repo, pool, codec_by_name(opts.compress), opts.compress_level)
+            try:
+                if parent is not None:
+                    assert parent.manifest.server_manifest is not None
+                    conn.upload_manifest(_read_file(repo, parent.manifest.server_manifest))
+                stream = _stream(conn, store, label, verify, parent)
+            except PostgresError as exc:
+                if parent is None or store.blocks_total:
+                    raise
+                # Summaries missing or too old, or the parent unknown to the server: fall back.
+                log.warning("incremental backup refused (%s); streaming every page instead", exc)
+                parent = None
+                conn.close()
+                conn = ReplicationConnection(opts.pg_conninfo)
+                stream = _stream(conn, store, label, verify, None)
             store.finish()
-    if start is None or end is None:
+    finally:
+        conn.close()
+    if stream.start is None or stream.end is None:
         raise WalError("the server did not report the backup's start and stop positions")
-    seg_size = info.wal_segment_size
-    needed = wal.segments_between(start.tli, start.lsn, end.lsn, seg_size)
+    needed = wal.segments_between(stream.start.tli, stream.start.lsn, stream.end.lsn, info.wal_segment_size)
     _wait_for_wal(repo, stanza, needed, opts.archive_timeout)
+    files = stream.files
     manifest = Manifest(
         backup_id=backup_id,
         stanza=stanza,
         type=kind,
         start_time=start_time,
         stop_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        start_lsn=wal.format_lsn(start.lsn),
-        stop_lsn=wal.format_lsn(end.lsn),
-        timeline=start.tli,
-        stop_timeline=end.tli,
+        start_lsn=wal.format_lsn(stream.start.lsn),
+        stop_lsn=wal.format_lsn(stream.end.lsn),
+        timeline=stream.start.tli,
+        stop_timeline=stream.end.tli,
         start_wal=needed[0],
         stop_wal=needed[-1],
         pg_version=pg_version,
         system_id=ident.system_id,
-        wal_segment_size=seg_size,
+        wal_segment_size=info.wal_segment_size,
         block_size=repo.settings.block_size,
         database_size=sum(f.size for f in files if f.type == "f"),
+        repo_bytes_added=store.packs.bytes_written,
         blocks_total=store.blocks_total,
         blocks_new=store.blocks_new,
-        tablespaces=tablespaces,
+        tablespaces=stream.tablespaces,
         files=files,
-        server_manifest=server_manifest if server_manifest.size else None,
+        server_manifest=stream.server_manifest if stream.server_manifest.size else None,
         annotations=annotations,
+        parent=parent.manifest.backup_id if parent else None,
         pgvault_version=__version__,
     )
-    manifest.repo_bytes_added = store.packs.bytes_written
-    manifest.repo_bytes_added += repo.save_manifest(manifest)
+    repo.save_manifest(manifest)
     failures = sum(len(f.checksum_failures or ()) for f in files)
     if failures:
         log.warning("backup %s found %d page checksum failures: see 'pgvault info'", backup_id, failures)
     log.info("backup %s complete: %d files, %d new of %d blocks", backup_id, len(files), store.blocks_new, store.blocks_total)
     return BackupResult(manifest)
+
+
+def _read_file(repo: Repository, entry: FileEntry) -> bytes:
+    return b"".join(repo.read_block(block_id) for block_id in repo.file_block_ids(entry))
 
 
 def _wait_for_wal(repo: Repository, stanza: str, segments: list[str], timeout: int) -> None:

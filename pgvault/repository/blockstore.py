@@ -36,6 +36,18 @@ class PageCheck:
     start_lsn: int
 
 
+@dataclass(frozen=True)
+class PageMerge:
+    """A block rebuilt from the parent backup's block and changed pages (PG17 incrementals):
+    the first `keep` bytes of the parent block (if any), zeros up to `length`, then each
+    (offset, page) laid over it."""
+
+    parent_id: bytes | None
+    keep: int
+    length: int
+    pages: tuple[tuple[int, bytes], ...]
+
+
 class BlockStore:
     """One per backup: owns the pack writer and the pool; counts what it stored."""
 
@@ -65,7 +77,23 @@ class BlockStore:
         sealed = envelope.seal(self.keys, envelope.Kind.BLOCK, data, block_id, self.codec, self.level)
         return BlockResult(block_id, sealed, failures)
 
+    def _merge_block(self, merge: PageMerge, check: PageCheck | None) -> BlockResult:
+        """Worker: rebuild a block from its parent's content and changed pages, then seal it."""
+        data = bytearray(merge.length)
+        if merge.parent_id is not None and merge.keep:
+            parent = self.repo.read_block(merge.parent_id)[: merge.keep]
+            data[: len(parent)] = parent
+        for offset, page in merge.pages:
+            data[offset : offset + PAGE_SIZE] = page
+        return self._seal_block(bytes(data), check)
+
     def submit(self, data: bytes, check: PageCheck | None, on_done: Callable[[BlockResult], None]) -> None:
+        self.pool.submit(self._seal_block, data, check, on_done=self._completion(on_done))
+
+    def submit_merge(self, merge: PageMerge, check: PageCheck | None, on_done: Callable[[BlockResult], None]) -> None:
+        self.pool.submit(self._merge_block, merge, check, on_done=self._completion(on_done))
+
+    def _completion(self, on_done: Callable[[BlockResult], None]) -> Callable[[BlockResult], None]:
         def done(result: BlockResult) -> None:
             self.blocks_total += 1
             if result.sealed is not None and not self.packs.has(result.block_id):
@@ -73,7 +101,7 @@ class BlockStore:
                 self.blocks_new += 1
             on_done(result)
 
-        self.pool.submit(self._seal_block, data, check, on_done=done)
+        return done
 
     def store_now(self, data: bytes) -> bytes:
         """Store one small block synchronously (block lists); returns its id."""
@@ -127,12 +155,23 @@ class FileBuilder:
             del buf[:size]
 
     def _submit(self, block: bytes) -> None:
-        slot = len(self._ids)
-        self._ids.append(None)
+        slot = self._reserve(1)
+        self.store.submit(block, self._check(slot), self._filler(slot))
+
+    def _reserve(self, count: int) -> int:
+        """Append count empty slots for block ids; returns the first slot's index."""
+        first = len(self._ids)
+        self._ids.extend([None] * count)
+        return first
+
+    def _check(self, slot: int) -> PageCheck | None:
+        if self._first_block is None:
+            return None
+        return PageCheck(self._first_block + slot * self.block_size // PAGE_SIZE, self._start_lsn)
+
+    def _filler(self, slot: int) -> Callable[[BlockResult], None]:
+        """A completion callback that puts the block's id into its slot."""
         self._pending += 1
-        check = None
-        if self._first_block is not None:
-            check = PageCheck(self._first_block + slot * self.block_size // PAGE_SIZE, self._start_lsn)
 
         def on_done(result: BlockResult) -> None:
             self._ids[slot] = result.block_id
@@ -141,7 +180,12 @@ class FileBuilder:
             if self._closed and not self._pending:
                 self._complete()
 
-        self.store.submit(block, check, on_done)
+        return on_done
+
+    def _fill_known(self, slot: int, block_id: bytes) -> None:
+        """A block the repository already has (an unchanged block of the parent backup)."""
+        self._ids[slot] = block_id
+        self.store.blocks_total += 1
 
     def close(self) -> None:
         if self._buffer:

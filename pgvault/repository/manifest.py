@@ -116,4 +116,5 @@ class Manifest:
             "tablespaces": [asdict(t) for t in self.tablespaces],
             "checksum_failures": sum(len(f.checksum_failures or ()) for f in self.files),
             "annotations": self.annotations,
+            "parent": self.parent,
         }
