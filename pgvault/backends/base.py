@@ -42,7 +42,7 @@ class Properties:
 class Backend(Protocol):
     properties: Properties
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray) -> None:
         """Store data under key, replacing any old value, atomically: readers see old or new."""
 
     def put_if_absent(self, key: str, data: bytes) -> bool:

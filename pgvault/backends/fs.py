@@ -31,7 +31,7 @@ class FsBackend:
             raise BackendError(f"invalid object key {key!r}")
         return self.root / key
 
-    def _write_temp(self, path: Path, data: bytes) -> Path:
+    def _write_temp(self, path: Path, data: bytes | bytearray) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".tmp.{path.name}.{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -56,7 +56,7 @@ class FsBackend:
         finally:
             os.close(fd)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray) -> None:
         path = self._path(key)
         tmp = self._write_temp(path, data)
         os.replace(tmp, path)

@@ -18,7 +18,7 @@ class MemoryBackend:
     def describe(self) -> str:
         return "memory://"
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray) -> None:
         with self._lock:
             self._objects[key] = bytes(data)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pgvault import __version__
 from pgvault.config import Options
@@ -33,7 +34,7 @@ from pgvault.pg.tarstream import TarMember, TarStream
 from pgvault.pipeline.codecs import codec_by_name
 from pgvault.pipeline.pool import OrderedPool
 from pgvault.repository import incremental
-from pgvault.repository.blockstore import BlockResult, BlockStore, FileBuilder
+from pgvault.repository.blockstore import BlockStore, FileBuilder
 from pgvault.repository.manifest import FileEntry, Manifest, Tablespace
 from pgvault.repository.repository import Repository
 
@@ -143,7 +144,7 @@ def _new_backup_id(repo: Repository, stanza: str, kind: str) -> str:
     """UTC time of the start, to the second; ids sort in time order across types."""
     existing = {b[:15] for b in repo.list_backups(stanza)}
     while (stamp := time.strftime("%Y%m%d-%H%M%S", time.gmtime())) in existing:
-        time.sleep(0.2)
+        time.sleep(0.05)
     return stamp + ("F" if kind == "full" else "I")
 
 
@@ -235,7 +236,7 @@ def backup(opts: Options) -> BackupResult:
             if parent is None:
                 log.info("streaming every page: %s", reason)
         label = f"pgvault backup {backup_id}"
-        with OrderedPool[BlockResult](opts.jobs, max_inflight=opts.jobs * 8) as pool:
+        with OrderedPool[Any](opts.jobs, max_inflight=opts.jobs * 8) as pool:
             store = BlockStore(repo, pool, codec_by_name(opts.compress), opts.compress_level)
             try:
                 if parent is not None:
@@ -311,4 +312,4 @@ def _wait_for_wal(repo: Repository, stanza: str, segments: list[str], timeout: i
                 f"WAL segment {remaining[0]} needed by the backup was not archived within {timeout}s: "
                 "check archive_mode and that archive_command runs 'pgvault wal-push'"
             )
-        time.sleep(0.2)
+        time.sleep(0.05)

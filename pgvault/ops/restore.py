@@ -144,8 +144,7 @@ def _write_file(repo: Repository, path: Path, entry: FileEntry) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     written = 0
     try:
-        for block_id in repo.file_block_ids(entry):
-            data = repo.read_block(block_id)
+        for data in repo.read_blocks(repo.file_block_ids(entry)):
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)

@@ -64,7 +64,8 @@ class PackWriter:
             self._keys, envelope.Kind.PACK_TRAILER, entries, name.encode(), codecs.Codec.ZSTD
         )
         self._buffer += trailer + TAIL.pack(len(trailer), PACK_MAGIC)
-        self._backend.put(layout.pack_key(name), bytes(self._buffer))
+        # The buffer itself, not a bytes() copy: a copy doubled peak memory at every flush.
+        self._backend.put(layout.pack_key(name), self._buffer)
         index_obj = envelope.seal(
             self._keys, envelope.Kind.INDEX, entries, layout.index_key(name).encode(), codecs.Codec.ZSTD
         )
