@@ -5,6 +5,7 @@ Run as an unprivileged user (PostgreSQL refuses root), e.g. via benchmarks/run.s
     python -m benchmarks.bench --pg 15 --scale 100 --jobs 2 --rounds 3 [--incompressible-mib 1024]
 
 Engines alternate (A B A B ...) so drift in the machine's load hits both; medians are reported.
+Repository sizes exclude the WAL archive (the same WAL goes to both engines).
 Every engine is timed with GNU time (wall, user+sys CPU, peak RSS of the process tree's largest
 process). Output: a Markdown table on stdout and JSON in --json.
 """
@@ -50,9 +51,12 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> Sample:
     return Sample(float(wall), float(user) + float(system), int(rss_kb) / 1024)
 
 
-def du(path: Path) -> int:
+def du(path: Path, skip: str | None = None) -> int:
+    """Bytes under path; skip: a directory name whose subtrees are not counted (WAL archives)."""
     total = 0
-    for dirpath, _dirs, files in os.walk(path):
+    for dirpath, dirs, files in os.walk(path):
+        if skip in dirs:
+            dirs.remove(skip)
         for name in files:
             try:
                 total += os.lstat(os.path.join(dirpath, name)).st_size
@@ -84,7 +88,8 @@ class PgVault:
         return timed([*self.base, "restore", f"--pg-data={target}"])
 
     def repo_size(self) -> int:
-        return du(self.repo)
+        """Backup data only: WAL is archived identically by both engines and would only blur."""
+        return du(self.repo, skip="wal")
 
 
 class PgBackRest:
@@ -126,7 +131,7 @@ class PgBackRest:
         return timed([*self.base(), "restore", f"--pg1-path={target}"])
 
     def repo_size(self) -> int:
-        return du(self.repo)
+        return du(self.repo, skip="archive")
 
 
 def churn(server: PgServer, scale: int, fraction: float, seed: int) -> None:
