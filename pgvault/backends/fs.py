@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pgvault.backends.base import ObjectInfo, ObjectNotFound, Properties
+from pgvault.durable import fsync_dir
 from pgvault.errors import BackendError
 
 
@@ -48,19 +49,11 @@ class FsBackend:
         os.close(fd)
         return tmp
 
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def put(self, key: str, data: bytes | bytearray) -> None:
         path = self._path(key)
         tmp = self._write_temp(path, data)
         os.replace(tmp, path)
-        self._fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
@@ -73,7 +66,7 @@ class FsBackend:
             return False
         finally:
             tmp.unlink(missing_ok=True)
-        self._fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def get(self, key: str) -> bytes:

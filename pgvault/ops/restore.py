@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgvault.config import Options
+from pgvault.durable import fsync_dir
 from pgvault.errors import ConfigError, NotFoundError, RestoreTargetError
 from pgvault.ops.common import open_repository
 from pgvault.pg import recovery
@@ -168,14 +169,6 @@ def _set_attributes(path: Path, entry: FileEntry) -> None:
         os.utime(path, (entry.mtime, entry.mtime))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def restore(opts: Options) -> RestoreResult:
     stanza = opts.require_stanza()
     if not opts.pg_data:
@@ -201,7 +194,7 @@ def restore(opts: Options) -> RestoreResult:
         # pg_control last: until it is in place PostgreSQL refuses to start this directory,
         # so an interrupted restore can never be started as if it were complete.
         os.replace(pg_data / PG_CONTROL_TMP, pg_data / "global" / "pg_control")
-        _fsync_dir(pg_data / "global")
+        fsync_dir(pg_data / "global")
     except BaseException:
         for directory in created:
             _empty(directory)
@@ -262,14 +255,14 @@ def _materialize(
     for entry in sorted(directories, key=lambda e: -e.path.count("/")):
         path = root_of(entry) / entry.path
         _set_attributes(path, entry)
-        _fsync_dir(path)
+        fsync_dir(path)
     group_access = any(d.path == "global" and d.mode & 0o050 for d in directories)
     os.chmod(pg_data, 0o750 if group_access else 0o700)
     if os.geteuid() == 0 and regular:
         os.chown(pg_data, regular[0].uid, regular[0].gid)
         for target in ts_targets.values():
             os.chown(target, regular[0].uid, regular[0].gid)
-    _fsync_dir(pg_data)
+    fsync_dir(pg_data)
     return total, len(regular)
 
 def _rewrite_tablespace_map(pg_data: Path, manifest: Manifest, targets: dict[int, Path]) -> None:

@@ -22,28 +22,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pgvault import _pure as pure
+from tests.native.impls import IMPLS, native, requires_native
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BLCKSZ = 8192
 MAX_BLKNO = 0xFFFFFFFF
 
 
-def _load_native():
-    try:
-        from pgvault import _native
-    except ImportError as exc:
-        if os.environ.get("PGVAULT_IMPL", "").strip().lower() == "native":
-            raise RuntimeError(f"PGVAULT_IMPL=native but pgvault._native is not importable: {exc}")
-        return None
-    return _native
-
-
-native = _load_native()
-requires_native = pytest.mark.skipif(
-    native is None,
-    reason="pgvault._native is not built (native/build.md); PGVAULT_IMPL=native makes this fail",
-)
-IMPLS = [pytest.param(pure, id="python"), pytest.param(native, id="native", marks=requires_native)]
 
 
 def cfg(max_examples: int) -> settings:

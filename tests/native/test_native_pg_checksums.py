@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pgvault import _pure as pure
+from tests.native.impls import IMPLS, native, requires_native
 
 BLCKSZ = 8192
 RELSEG_SIZE = 131072
@@ -25,22 +26,6 @@ RELSEG_SIZE = 131072
 pytestmark = pytest.mark.integration
 
 
-def _load_native():
-    try:
-        from pgvault import _native
-    except ImportError as exc:
-        if os.environ.get("PGVAULT_IMPL", "").strip().lower() == "native":
-            raise RuntimeError(f"PGVAULT_IMPL=native but pgvault._native is not importable: {exc}")
-        return None
-    return _native
-
-
-native = _load_native()
-requires_native = pytest.mark.skipif(
-    native is None,
-    reason="pgvault._native is not built (native/build.md); PGVAULT_IMPL=native makes this fail",
-)
-IMPLS = [pytest.param(pure, id="python"), pytest.param(native, id="native", marks=requires_native)]
 
 # Relation data files: <relfilenode>[_fsm|_vm|_init][.<segno>] (what pg_checksums checks).
 REL_FILE = re.compile(r"^(\d+)(?:_(?:fsm|vm|init))?(?:\.(\d+))?$")
