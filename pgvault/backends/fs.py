@@ -77,10 +77,13 @@ class FsBackend:
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         try:
-            with open(self._path(key), "rb", buffering=0) as f:
-                return os.pread(f.fileno(), length, offset)
+            fd = os.open(self._path(key), os.O_RDONLY)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found in {self.root}") from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:

@@ -141,16 +141,32 @@ def _owner(entry: FileEntry) -> tuple[int, int] | None:
     return entry.uid, entry.gid
 
 
+# Blocks per writev(): 64 x 32 KiB = 2 MiB per system call instead of one call per block.
+WRITE_BATCH = 64
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> int:
+    """writev() every buffer, finishing short writes; returns the bytes written."""
+    total = sum(len(b) for b in buffers)
+    done = os.writev(fd, buffers) if buffers else 0
+    if done < total:
+        rest = memoryview(b"".join(buffers))[done:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+    return total
+
+
 def _write_file(repo: Repository, path: Path, entry: FileEntry) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     written = 0
     try:
+        pending: list[bytes] = []
         for data in repo.read_blocks(repo.file_block_ids(entry)):
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            written += len(data)
+            pending.append(data)
+            if len(pending) == WRITE_BATCH:
+                written += _write_all(fd, pending)
+                pending = []
+        written += _write_all(fd, pending)
         if written != entry.size:
             raise RestoreTargetError(f"{entry.path}: restored {written} bytes, manifest says {entry.size}")
         os.fsync(fd)
