@@ -7,8 +7,7 @@ wins over [global]). This is the only module that reads the environment or the f
 from __future__ import annotations
 
 import configparser
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 

@@ -75,7 +75,7 @@ def test_unknown_stanza(backed_up: tuple[Vault, PgServer], tmp_path: Path) -> No
 def test_unreachable_server(backed_up: tuple[Vault, PgServer]) -> None:
     vault, server = backed_up
     before = tree_digest(vault.repo)
-    proc = vault.run(f"--pg-conninfo=host=127.0.0.1 port=1 user=postgres connect_timeout=3", "backup", check=False)
+    proc = vault.run("--pg-conninfo=host=127.0.0.1 port=1 user=postgres connect_timeout=3", "backup", check=False)
     assert_one_line_error(proc, 8, "cannot connect")
     assert tree_digest(vault.repo) == before
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pgvault import _pure as pure
-from tests.native.impls import IMPLS, native, requires_native
+from tests.native.impls import IMPLS, native
 
 BLCKSZ = 8192
 RELSEG_SIZE = 131072
