@@ -196,7 +196,6 @@ def main() -> None:
         for engine in engines:
             engine.setup()
         # Drain the archive backlog from loading first, or the first backup pays for it.
-        server.psql("create table drain_archive (); drop table drain_archive;")
         server.switch_wal_and_wait_archived(timeout=1800)
         for rnd in range(args.rounds):
             order = engines if rnd % 2 == 0 else list(reversed(engines))

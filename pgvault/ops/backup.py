@@ -63,7 +63,6 @@ class Stream:
     files: list[FileEntry] = field(default_factory=list)
     tablespaces: list[Tablespace] = field(default_factory=list)
     server_manifest: FileEntry = field(default_factory=lambda: FileEntry(path="backup_manifest", type="f", mode=0o600))
-    started: bool = False
 
 
 class ArchiveSink:
@@ -114,9 +113,9 @@ class ArchiveSink:
             self._builder = incremental.IncrementalFileBuilder(self.store, entry, ids, base.size, first, start_lsn)
         elif self.parent is not None and self.tablespace is None and path == "backup_label":
             self._label = bytearray()
-            self._builder = FileBuilder(self.store, entry, lambda _e: None)
+            self._builder = FileBuilder(self.store, entry)
         else:
-            self._builder = FileBuilder(self.store, entry, lambda _e: None, first, start_lsn)
+            self._builder = FileBuilder(self.store, entry, first, start_lsn)
 
     def member_data(self, data: memoryview) -> None:
         if self._label is not None:
@@ -190,7 +189,6 @@ def _stream(
             tar.feed(event.data)
         elif isinstance(event, ArchiveStart):
             assert out.start is not None
-            out.started = True
             sink = ArchiveSink(store, event.tablespace_oid, out.files, out.start.lsn if verify else None, parent)
             tar = TarStream(sink, end_marker=event.end_marker)
         elif isinstance(event, ArchiveEnd):
@@ -199,7 +197,7 @@ def _stream(
             tar = None
         elif isinstance(event, ManifestData):
             if manifest_builder is None:
-                manifest_builder = FileBuilder(store, out.server_manifest, lambda _e: None)
+                manifest_builder = FileBuilder(store, out.server_manifest)
             manifest_builder.write(event.data)
             out.server_manifest.size += len(event.data)
         elif isinstance(event, BackupStart):

@@ -94,9 +94,6 @@ class BlockStore:
     def _seal_batch(self, blocks: list[bytes], checks: list[PageCheck | None]) -> list[BlockResult]:
         return [self._seal_block(data, check) for data, check in zip(blocks, checks)]
 
-    def submit(self, data: bytes, check: PageCheck | None, on_done: Callable[[BlockResult], None]) -> None:
-        self.pool.submit(self._seal_block, data, check, on_done=self._completion(on_done))
-
     def submit_batch(
         self, blocks: list[bytes], checks: list[PageCheck | None], on_done: Callable[[list[BlockResult]], None]
     ) -> None:
@@ -110,7 +107,11 @@ class BlockStore:
         self.pool.submit(self._seal_batch, blocks, checks, on_done=done)
 
     def submit_merge(self, merge: PageMerge, check: PageCheck | None, on_done: Callable[[BlockResult], None]) -> None:
-        self.pool.submit(self._merge_block, merge, check, on_done=self._completion(on_done))
+        def done(result: BlockResult) -> None:
+            self._record(result)
+            on_done(result)
+
+        self.pool.submit(self._merge_block, merge, check, on_done=done)
 
     def _record(self, result: BlockResult) -> None:
         """In submission order, on the producing thread: add a new block to the pack."""
@@ -118,13 +119,6 @@ class BlockStore:
         if result.sealed is not None and not self.packs.has(result.block_id):
             self.packs.add(result.block_id, result.sealed)
             self.blocks_new += 1
-
-    def _completion(self, on_done: Callable[[BlockResult], None]) -> Callable[[BlockResult], None]:
-        def done(result: BlockResult) -> None:
-            self._record(result)
-            on_done(result)
-
-        return done
 
     def store_now(self, data: bytes) -> bytes:
         """Store one small block synchronously (block lists); returns its id."""
@@ -145,14 +139,12 @@ class FileBuilder:
         self,
         store: BlockStore,
         entry: FileEntry,
-        on_complete: Callable[[FileEntry], None],
         first_block: int | None = None,
         start_lsn: int = 0,
     ) -> None:
         """first_block: verify page checksums, numbering pages from it (None: do not)."""
         self.store = store
         self.entry = entry
-        self.on_complete = on_complete
         self._first_block = first_block
         self._start_lsn = start_lsn
         self._failures: list[int] = []
@@ -251,4 +243,3 @@ class FileBuilder:
             self.entry.blocks = [i.hex() for i in ids]
         else:
             self.entry.blocklist = self.store.store_now(b"".join(ids)).hex()
-        self.on_complete(self.entry)

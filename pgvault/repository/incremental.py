@@ -45,7 +45,7 @@ class IncrementalFileBuilder(FileBuilder):
         first_block: int | None,
         start_lsn: int,
     ) -> None:
-        super().__init__(store, entry, lambda _e: None, first_block, start_lsn)
+        super().__init__(store, entry, first_block, start_lsn)
         self._parent_ids = parent_ids
         self._parent_size = parent_size
         self._head = bytearray()

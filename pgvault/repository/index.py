@@ -61,6 +61,3 @@ class Index:
         with self._lock:
             for block_id, offset, length in entries:
                 self._map.setdefault(block_id, Location(pack, offset, length))
-
-    def packs(self) -> set[str]:
-        return {loc.pack for loc in self._map.values()}

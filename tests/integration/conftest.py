@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,6 @@ class Vault:
     repo: Path
     stanza: str = "main"
     passphrase_file: Path | None = None
-    env: dict[str, str] = field(default_factory=dict)
 
     def base_args(self) -> list[str]:
         args = [f"--stanza={self.stanza}", f"--repo={self.repo}"]
@@ -36,11 +34,10 @@ class Vault:
         """For archive_command / restore_command."""
         return " ".join([sys.executable, "-m", "pgvault", *self.base_args()])
 
-    def run(self, *args: str, check: bool = True, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, **self.env, **(extra_env or {})}
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [sys.executable, "-m", "pgvault", *self.base_args(), *args],
-            capture_output=True, text=True, env=env, timeout=600,
+            capture_output=True, text=True, timeout=600,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"pgvault {' '.join(args)} exited {proc.returncode}: {proc.stderr}{proc.stdout}")

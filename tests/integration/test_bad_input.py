@@ -42,10 +42,7 @@ def backed_up(
     server = archived_cluster(pg_server_factory, one_pg_major, vault)
     server.pgbench("-i", "-s", "1", "-q")
     vault.run(f"--pg-conninfo={server.conninfo()}", "backup")
-    # Let the archiver settle so the repository is quiet. Write first: pg_switch_wal() is a
-    # no-op right after the backup's own switch, and the .backup file would still be queued.
-    server.psql("create table settle_archiver (); drop table settle_archiver;")
-    server.switch_wal_and_wait_archived()
+    server.switch_wal_and_wait_archived()  # let the archiver settle so the repository is quiet
     return vault, server
 
 
@@ -129,7 +126,6 @@ def test_corrupted_block_fails_restore_loudly(backed_up: tuple[Vault, PgServer],
 
 def test_wal_push_is_idempotent_and_never_overwrites(backed_up: tuple[Vault, PgServer], tmp_path: Path) -> None:
     vault, server = backed_up
-    server.psql("create table force_a_switch (); drop table force_a_switch;")
     name = server.switch_wal_and_wait_archived()
     segment = tmp_path / name
     vault.run("wal-fetch", name, str(segment))

@@ -377,7 +377,13 @@ class PgServer:
             time.sleep(0.2)
 
     def switch_wal_and_wait_archived(self, timeout: float = 60.0) -> str:
-        """Switch WAL and wait until the finished segment is archived; returns its name."""
+        """Switch WAL and wait until the finished segment is archived; returns its name.
+
+        A WAL record is written first: right after another switch (a backup's, say),
+        pg_switch_wal() is a no-op, and the wait would end while files such as the
+        backup's .backup history file are still queued for the archiver.
+        """
+        self.psql("create table pgvault_test_switch (); drop table pgvault_test_switch;")
         walfile = self.psql("select pg_walfile_name(pg_switch_wal())")
         deadline = time.monotonic() + timeout
         while True:
