@@ -87,10 +87,17 @@ def _prepare_dir(path: Path, force: bool, what: str) -> None:
 
 
 def _self_command() -> str:
+    """The command that runs this very pgvault, for restore_command.
+
+    Run as ``python -m pgvault``, the package's own location goes into PYTHONPATH, because
+    PostgreSQL runs restore_command from the data directory, where a different copy (or
+    none) may be importable.
+    """
     exe = Path(sys.argv[0])
     if exe.name == "pgvault" and exe.exists():
         return shlex.quote(str(exe.resolve()))
-    return f"{shlex.quote(sys.executable)} -m pgvault"
+    package_root = Path(__file__).resolve().parents[2]
+    return f"PYTHONPATH={shlex.quote(str(package_root))} {shlex.quote(sys.executable)} -m pgvault"
 
 
 def restore_command(opts: Options, stanza: str) -> str:

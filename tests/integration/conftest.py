@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from tests.conftest import pg_versions
 from tests.support.pgserver import PgServer
 
 PASSPHRASE = "integration-test-passphrase"
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -31,13 +33,17 @@ class Vault:
         return args
 
     def command_line(self) -> str:
-        """For archive_command / restore_command."""
-        return " ".join([sys.executable, "-m", "pgvault", *self.base_args()])
+        """For archive_command / restore_command.
+
+        PYTHONPATH pins the checkout under test: PostgreSQL runs the command from its data
+        directory, where ``-m`` would otherwise find an installed copy (another worktree's).
+        """
+        return " ".join([f"PYTHONPATH={shlex.quote(str(CHECKOUT))}", sys.executable, "-m", "pgvault", *self.base_args()])
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [sys.executable, "-m", "pgvault", *self.base_args(), *args],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, timeout=600, cwd=CHECKOUT,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"pgvault {' '.join(args)} exited {proc.returncode}: {proc.stderr}{proc.stdout}")
