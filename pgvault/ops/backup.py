@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from pgvault import __version__
 from pgvault.config import Options
 from pgvault.errors import ConfigError, PostgresError, WalError
 from pgvault.ops.common import check_cluster, open_repository
-from pgvault.pg import relfile, wal
+from pgvault.pg import control, relfile, wal
 from pgvault.pg.replication import (
     ArchiveData,
     ArchiveEnd,
@@ -227,7 +228,7 @@ def backup(opts: Options) -> BackupResult:
         pg_version = conn.server_version
         verify = conn.show("data_checksums") == "on"
         backup_id = _new_backup_id(repo, stanza, kind)
-        start_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        start_time = _utc_now()
         parent: Parent | None = None
         if kind == "incr":
             parent, reason = _incremental_parent(repo, stanza, conn)
@@ -263,7 +264,7 @@ def backup(opts: Options) -> BackupResult:
         stanza=stanza,
         type=kind,
         start_time=start_time,
-        stop_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        stop_time=_utc_now(),
         start_lsn=wal.format_lsn(stream.start.lsn),
         stop_lsn=wal.format_lsn(stream.end.lsn),
         timeline=stream.start.tli,
@@ -284,6 +285,7 @@ def backup(opts: Options) -> BackupResult:
         annotations=annotations,
         parent=parent.manifest.backup_id if parent else None,
         pgvault_version=__version__,
+        next_xid=_next_xid(repo, files),
     )
     repo.save_manifest(manifest)
     failures = sum(len(f.checksum_failures or ()) for f in files)
@@ -291,6 +293,18 @@ def backup(opts: Options) -> BackupResult:
         log.warning("backup %s found %d page checksum failures: see 'pgvault info'", backup_id, failures)
     log.info("backup %s complete: %d files, %d new of %d blocks", backup_id, len(files), store.blocks_new, store.blocks_total)
     return BackupResult(manifest)
+
+
+def _utc_now() -> str:
+    """Microseconds matter: a time recovery target is compared with the stop time."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _next_xid(repo: Repository, files: list[FileEntry]) -> int | None:
+    for entry in files:
+        if entry.tablespace is None and entry.path == "global/pg_control":
+            return control.next_xid(_read_file(repo, entry))
+    return None
 
 
 def _read_file(repo: Repository, entry: FileEntry) -> bytes:

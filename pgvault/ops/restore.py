@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pgvault.config import Options
 from pgvault.durable import fsync_dir
-from pgvault.errors import ConfigError, NotFoundError, RestoreTargetError
+from pgvault.errors import ConfigError, RestoreTargetError
+from pgvault.ops import targets
 from pgvault.ops.common import open_repository
 from pgvault.pg import recovery
 from pgvault.repository.manifest import FileEntry, Manifest
@@ -25,26 +26,12 @@ from pgvault.repository.repository import Repository
 
 log = logging.getLogger(__name__)
 
-RECOVERY_TYPES = ("default", "immediate", "time", "xid", "lsn", "name", "standby", "none")
-
-
 @dataclass(frozen=True)
 class RestoreResult:
     backup_id: str
     pg_data: str
     files: int
     bytes: int
-
-
-def choose_backup(repo: Repository, stanza: str, wanted: str) -> str:
-    backups = repo.list_backups(stanza)
-    if not backups:
-        raise NotFoundError(f"stanza {stanza} has no backups to restore")
-    if wanted == "latest":
-        return backups[-1]
-    if wanted not in backups:
-        raise NotFoundError(f"backup {wanted} not found in stanza {stanza} (have: {', '.join(backups)})")
-    return wanted
 
 
 def _tablespace_targets(manifest: Manifest, opts: Options) -> dict[int, Path]:
@@ -112,32 +99,23 @@ def restore_command(opts: Options, stanza: str) -> str:
     return " ".join(parts)
 
 
-def recovery_settings(opts: Options, stanza: str) -> recovery.RecoverySettings:
-    kind = opts.type or "default"
-    if kind not in RECOVERY_TYPES:
-        raise ConfigError(f"restore --type must be one of {', '.join(RECOVERY_TYPES)}, not {kind!r}")
+def recovery_settings(opts: Options, stanza: str, target: targets.Target) -> recovery.RecoverySettings:
     settings: list[tuple[str, str]] = []
-    if kind in ("time", "xid", "lsn", "name"):
-        if not opts.target:
-            raise ConfigError(f"restore --type {kind} needs --target")
-        settings.append((f"recovery_target_{kind}", opts.target))
-    elif kind == "immediate":
+    if target.kind in ("time", "xid", "lsn", "name"):
+        settings.append((f"recovery_target_{target.kind}", target.value or ""))
+    elif target.kind == "immediate":
         settings.append(("recovery_target", "immediate"))
-    elif opts.target:
-        raise ConfigError(f"--target is only valid with --type time, xid, lsn or name (got --type {kind})")
-    if opts.target_exclusive:
-        if kind not in ("time", "xid", "lsn"):
-            raise ConfigError("--target-exclusive is only valid with --type time, xid or lsn")
+    if target.exclusive:
         settings.append(("recovery_target_inclusive", "false"))
     if opts.target_action:
-        if kind in ("default", "standby", "none"):
-            raise ConfigError(f"--target-action needs a recovery target, not --type {kind}")
+        if target.kind in ("default", "standby", "none"):
+            raise ConfigError(f"--target-action needs a recovery target, not --type {target.kind}")
         settings.append(("recovery_target_action", opts.target_action))
-    if opts.target_timeline:
-        settings.append(("recovery_target_timeline", opts.target_timeline))
-    if kind == "none":
+    if target.timeline:
+        settings.append(("recovery_target_timeline", target.timeline))
+    if target.kind == "none":
         return recovery.RecoverySettings(None, (), None)
-    signal = "standby.signal" if kind == "standby" else "recovery.signal"
+    signal = "standby.signal" if target.kind == "standby" else "recovery.signal"
     return recovery.RecoverySettings(restore_command(opts, stanza), tuple(settings), signal)
 
 
@@ -199,11 +177,14 @@ def restore(opts: Options) -> RestoreResult:
     if opts.delta:
         raise ConfigError("--delta is not supported yet: restore into an empty directory or use --force")
     pg_data = Path(opts.pg_data).absolute()
+    target = targets.parse(opts.type, opts.target, opts.target_timeline, opts.target_exclusive)
     repo = open_repository(opts)
     repo.stanza_info(stanza)
-    manifest = repo.load_manifest(stanza, choose_backup(repo, stanza, opts.set))
+    # Everything is validated before the first byte is written.
+    manifest, lineage = targets.choose(repo, stanza, target, opts.set)
+    targets.check_archive(repo, stanza, manifest, lineage, target)
     ts_targets = _tablespace_targets(manifest, opts)
-    settings = recovery_settings(opts, stanza)  # validate before touching anything
+    settings = recovery_settings(opts, stanza, target)
     _prepare_dir(pg_data, opts.force, "restore target")
     for oid, target in ts_targets.items():
         if target == pg_data or pg_data in target.parents:

@@ -71,6 +71,9 @@ class Manifest:
     annotations: dict[str, str] = field(default_factory=dict)
     parent: str | None = None
     pgvault_version: str = ""
+    # The start checkpoint's next transaction id (pg_control), for choosing a backup for an
+    # xid target; None in manifests written before it was recorded.
+    next_xid: int | None = None
 
     def to_bytes(self) -> bytes:
         doc = asdict(self)
@@ -117,4 +120,5 @@ class Manifest:
             "checksum_failures": sum(len(f.checksum_failures or ()) for f in self.files),
             "annotations": self.annotations,
             "parent": self.parent,
+            "next_xid": self.next_xid,
         }
