@@ -34,6 +34,10 @@ class NotFoundError(PgvaultError):
     exit_code = 1
 
 
+class WalNotFoundError(NotFoundError):
+    """This WAL file is not in the archive: the one error wal-fetch reports as exit 1."""
+
+
 class RepositoryError(PgvaultError):
     """The repository is missing, unreadable, or inconsistent with the request."""
 

@@ -74,22 +74,34 @@ class FsBackend:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found in {self.root}") from None
+        except OSError as exc:
+            raise self._unreadable(key, exc) from None
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         try:
             fd = os.open(self._path(key), os.O_RDONLY)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found in {self.root}") from None
+        except OSError as exc:
+            raise self._unreadable(key, exc) from None
         try:
             return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise self._unreadable(key, exc) from None
         finally:
             os.close(fd)
+
+    def _unreadable(self, key: str, exc: OSError) -> BackendError:
+        """Anything but absence is a failure, never 'not found' (wal-fetch depends on it)."""
+        return BackendError(f"cannot read {key} in {self.root}: {exc.strerror}")
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             return ObjectInfo(key, self._path(key).stat().st_size)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise self._unreadable(key, exc) from None
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         # Walk only the directory the prefix names, then filter by the rest of the prefix.
@@ -98,7 +110,10 @@ class FsBackend:
         if not start.is_dir():
             return iter(())
         found: list[ObjectInfo] = []
-        for dirpath, dirnames, filenames in os.walk(start):
+        def unlistable(exc: OSError) -> None:  # os.walk would skip the directory silently
+            raise BackendError(f"cannot list {exc.filename}: {exc.strerror}")
+
+        for dirpath, dirnames, filenames in os.walk(start, onerror=unlistable):
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, self.root)
             for name in filenames:

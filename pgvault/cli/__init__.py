@@ -15,7 +15,13 @@ from typing import Sequence
 
 from pgvault import __version__
 from pgvault.config import OPTIONS, resolve
-from pgvault.errors import PgvaultError
+from pgvault.errors import PgvaultError, WalNotFoundError
+
+# restore_command contract: PostgreSQL takes exit status 1 (any status up to 125) as "no
+# such file" and ends recovery there; above 125 it stops recovery instead. So wal-fetch
+# exits 1 only when the file is absent from the archive, and adds this to every other code:
+# an unreadable repository must never end recovery early and promote at the wrong point.
+RECOVERY_FATAL = 128
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     for spec in OPTIONS:
@@ -51,10 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    fetching = "wal-fetch" in args
+    try:
+        return _main(args)
+    except SystemExit as exc:  # argparse: --help, --version, or a usage error (exit 3)
+        code = exc.code if isinstance(exc.code, int) else 2
+        return code + RECOVERY_FATAL if fetching and code not in (0, 1) else code
+    except PgvaultError as exc:
+        sys.stderr.write(f"pgvault: {exc.message}\n")
+        return _exit_code(fetching, exc.exit_code, exc)
+    except KeyboardInterrupt:
+        sys.stderr.write("pgvault: interrupted\n")
+        return 130
+    except Exception as exc:  # a bug: still one line and a code that cannot mean "absent"
+        sys.stderr.write(f"pgvault: internal error: {type(exc).__name__}: {exc}\n")
+        if os.environ.get("PGVAULT_DEBUG"):
+            raise
+        return _exit_code(fetching, 2, exc)
+
+
+def _exit_code(fetching: bool, code: int, exc: BaseException) -> int:
+    if not fetching or isinstance(exc, WalNotFoundError):
+        return code
+    return code + RECOVERY_FATAL if code != 0 else code
+
+
+def _main(args: list[str]) -> int:
     from pgvault.cli.commands import COMMAND_HELP, run
 
     parser = build_parser()
-    ns = vars(parser.parse_args(argv))
+    ns = vars(parser.parse_args(args))
     command = ns.pop("command")
     positionals = tuple(ns.pop(p.replace("-", "_")) for p in COMMAND_HELP[command][1])
     cli_values = {key.replace("_", "-"): value for key, value in ns.items()}
@@ -63,11 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(opts.log_level)
         return run(opts)
     except PgvaultError as exc:
-        sys.stderr.write(f"pgvault: {command}: {exc.message}\n")
-        return exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write(f"pgvault: {command}: interrupted\n")
-        return 130
+        exc.message = f"{command}: {exc.message}"
+        raise
 
 
 def _setup_logging(level: str) -> None:

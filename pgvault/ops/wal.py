@@ -56,6 +56,7 @@ def wal_fetch(opts: Options) -> None:
     except ValueError:
         raise ConfigError(f"{name!r} is not a WAL file name") from None
     repo = open_repository(opts)
+    repo.stanza_info(stanza)  # an unknown stanza is a misconfiguration, never "absent"
     data = repo.get_wal(stanza, name)
     target = Path(dest)
     if not target.is_absolute() and opts.pg_data:

@@ -18,6 +18,7 @@ from pgvault.errors import (
     NotFoundError,
     RepositoryError,
     WalError,
+    WalNotFoundError,
 )
 from pgvault.pipeline import codecs, crypto, envelope
 from pgvault.pipeline.crypto import Keys
@@ -239,7 +240,7 @@ class Repository:
         try:
             return self._get_sealed(Kind.WAL, key)
         except ObjectNotFound:
-            raise NotFoundError(f"WAL file {name} is not in the repository") from None
+            raise WalNotFoundError(f"WAL file {name} is not in the repository") from None
 
     def has_wal(self, stanza: str, name: str) -> bool:
         return self.backend.stat(layout.wal_key(stanza, name)) is not None
