@@ -54,7 +54,13 @@ def _restore(opts: Options) -> int:
 
     result = restore(opts)
     if opts.output == "json":
-        _print_json({"backup": result.backup_id, "pg_data": result.pg_data, "files": result.files, "bytes": result.bytes})
+        _print_json({
+            "backup": result.backup_id, "pg_data": result.pg_data, "files": result.files, "bytes": result.bytes,
+            "bytes_compared": result.bytes_compared, "delta": result.delta,
+        })
+    elif result.delta:
+        print(f"restored backup {result.backup_id} into {result.pg_data} (delta: {result.bytes} bytes rewritten, "
+              f"{result.bytes_compared} compared)")
     else:
         print(f"restored backup {result.backup_id} into {result.pg_data}")
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from pgvault.config import Options
 from pgvault.durable import fsync_dir
 from pgvault.errors import ConfigError, RestoreTargetError
-from pgvault.ops import targets
+from pgvault.ops import delta, targets
 from pgvault.ops.common import open_repository
 from pgvault.pg import recovery
 from pgvault.repository.manifest import FileEntry, Manifest
@@ -31,7 +31,9 @@ class RestoreResult:
     backup_id: str
     pg_data: str
     files: int
-    bytes: int
+    bytes: int  # written
+    bytes_compared: int = 0  # delta restore: bytes already on disk that were checked
+    delta: bool = False
 
 
 def _tablespace_targets(manifest: Manifest, opts: Options) -> dict[int, Path]:
@@ -174,8 +176,8 @@ def restore(opts: Options) -> RestoreResult:
     stanza = opts.require_stanza()
     if not opts.pg_data:
         raise ConfigError("restore needs --pg-data: the directory to restore into")
-    if opts.delta:
-        raise ConfigError("--delta is not supported yet: restore into an empty directory or use --force")
+    if opts.delta and opts.force:
+        raise ConfigError("--delta and --force exclude each other: --delta keeps what matches, --force empties first")
     pg_data = Path(opts.pg_data).absolute()
     target = targets.parse(opts.type, opts.target, opts.target_timeline, opts.target_exclusive)
     repo = open_repository(opts)
@@ -185,27 +187,47 @@ def restore(opts: Options) -> RestoreResult:
     targets.check_archive(repo, stanza, manifest, lineage, target)
     ts_targets = _tablespace_targets(manifest, opts)
     settings = recovery_settings(opts, stanza, target)
-    _prepare_dir(pg_data, opts.force, "restore target")
-    for oid, target in ts_targets.items():
-        if target == pg_data or pg_data in target.parents:
+    for oid, ts_dir in ts_targets.items():
+        if ts_dir == pg_data or pg_data in ts_dir.parents:
             raise RestoreTargetError(f"tablespace {oid} would be restored inside the data directory: map it elsewhere")
-        _prepare_dir(target, opts.force, f"tablespace {oid} directory")
+    delta_mode = opts.delta and delta.wants_delta(pg_data)
+    if delta_mode:
+        delta.check_target(pg_data)
+        _prepare_delta(manifest, pg_data, ts_targets)
+    else:
+        _prepare_dir(pg_data, opts.force, "restore target")
+        for oid, ts_dir in ts_targets.items():
+            _prepare_dir(ts_dir, opts.force or opts.delta, f"tablespace {oid} directory")
 
-    created = [pg_data, *ts_targets.values()]
     try:
-        total, count = _materialize(repo, manifest, pg_data, ts_targets, opts.jobs)
+        written, compared, count = _materialize(repo, manifest, pg_data, ts_targets, opts.jobs, delta_mode)
         recovery.write(pg_data, settings)
         # pg_control last: until it is in place PostgreSQL refuses to start this directory,
         # so an interrupted restore can never be started as if it were complete.
         os.replace(pg_data / PG_CONTROL_TMP, pg_data / "global" / "pg_control")
         fsync_dir(pg_data / "global")
     except BaseException:
-        for directory in created:
-            _empty(directory)
+        if delta_mode:
+            log.error("delta restore of %s did not finish; it has no global/pg_control and will not start: "
+                      "run the same restore again", pg_data)
+        else:
+            for directory in (pg_data, *ts_targets.values()):
+                _empty(directory)
         raise
-    log.info("restored backup %s into %s: %d files, %d bytes", manifest.backup_id, pg_data, count, total)
-    return RestoreResult(manifest.backup_id, str(pg_data), count, total)
+    log.info("restored backup %s into %s: %d files, %d bytes written, %d compared",
+             manifest.backup_id, pg_data, count, written, compared)
+    return RestoreResult(manifest.backup_id, str(pg_data), count, written, compared, delta_mode)
 
+
+def _prepare_delta(manifest: Manifest, pg_data: Path, ts_targets: dict[int, Path]) -> None:
+    """Drop pg_control first (so an interrupted delta never starts), then what the backup lacks."""
+    (pg_data / "global" / "pg_control").unlink(missing_ok=True)
+    for root, oid in [(pg_data, None), *((path, oid) for oid, path in ts_targets.items())]:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        expected = {e.path: e for e in manifest.files if e.tablespace == oid}
+        links = {f"pg_tblspc/{o}": path for o, path in ts_targets.items()} if oid is None else {}
+        removed = delta.prune(root, expected, links)
+        log.info("delta restore: removed %d paths from %s that the backup does not have", removed, root)
 
 
 PG_CONTROL_TMP = "global/pg_control.pgvault.tmp"
@@ -229,9 +251,9 @@ def _empty(directory: Path) -> None:
 
 
 def _materialize(
-    repo: Repository, manifest: Manifest, pg_data: Path, ts_targets: dict[int, Path], jobs: int
-) -> tuple[int, int]:
-    """Create directories, links and files; returns (bytes, files) written."""
+    repo: Repository, manifest: Manifest, pg_data: Path, ts_targets: dict[int, Path], jobs: int, delta_mode: bool
+) -> tuple[int, int, int]:
+    """Create directories, links and files; returns (bytes written, bytes compared, files)."""
 
     def root_of(entry: FileEntry) -> Path:
         return pg_data if entry.tablespace is None else ts_targets[entry.tablespace]
@@ -243,7 +265,8 @@ def _materialize(
     for entry in (f for f in manifest.files if f.type == "l"):
         path = root_of(entry) / entry.path
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.symlink(entry.link or "", path)
+        if not path.is_symlink():  # a delta restore keeps links that already match
+            os.symlink(entry.link or "", path)
     for oid, target in ts_targets.items():
         link = pg_data / "pg_tblspc" / str(oid)
         link.parent.mkdir(mode=0o700, exist_ok=True)
@@ -251,9 +274,19 @@ def _materialize(
             os.symlink(target, link)
 
     regular = sorted((f for f in manifest.files if f.type == "f"), key=lambda e: -e.size)
+
+    def place(entry: FileEntry) -> tuple[int, int]:
+        path = _file_path(root_of(entry), entry)
+        if delta_mode and path.is_file():
+            result = delta.sync_file(repo, manifest, path, entry)
+            _set_attributes(path, entry)
+            return result
+        return _write_file(repo, path, entry), 0
+
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pgvault-restore") as pool:
-        futures = [pool.submit(_write_file, repo, _file_path(root_of(e), e), e) for e in regular]
-        total = sum(f.result() for f in futures)
+        results = [f.result() for f in [pool.submit(place, e) for e in regular]]
+    written = sum(r[0] for r in results)
+    compared = sum(r[1] for r in results)
 
     _rewrite_tablespace_map(pg_data, manifest, ts_targets)
     for entry in sorted(directories, key=lambda e: -e.path.count("/")):
@@ -267,7 +300,7 @@ def _materialize(
         for target in ts_targets.values():
             os.chown(target, regular[0].uid, regular[0].gid)
     fsync_dir(pg_data)
-    return total, len(regular)
+    return written, compared, len(regular)
 
 def _rewrite_tablespace_map(pg_data: Path, manifest: Manifest, targets: dict[int, Path]) -> None:
     """PostgreSQL recreates pg_tblspc links from tablespace_map at recovery start: point it
