@@ -85,6 +85,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("delta", "restore over an existing directory, rewriting only what differs", _bool, False, flag=True),
     OptionSpec("tablespace-map", "restore tablespace OID into DIR", multi=True, metavar="OID=DIR"),
     OptionSpec("tablespace-map-all", "restore every tablespace under DIR/<oid>", metavar="DIR"),
+    OptionSpec("archive-async", "wal-push/wal-fetch through a spool dir and a background worker", _bool, False, flag=True),
+    OptionSpec("spool-path", "spool directory for --archive-async", default="/var/spool/pgvault", metavar="DIR"),
+    OptionSpec("archive-get-queue-max", "MiB of WAL wal-fetch prefetches ahead (--archive-async)", _int("archive-get-queue-max", 16, 1 << 20), 256, metavar="MIB"),
 )
 
 
@@ -118,6 +121,9 @@ class Options:
     delta: bool
     tablespace_map: tuple[str, ...]
     tablespace_map_all: str | None
+    archive_async: bool
+    spool_path: str
+    archive_get_queue_max: int
 
     def require_stanza(self) -> str:
         if not self.stanza:

@@ -33,15 +33,22 @@ class FsBackend:
         return self.root / key
 
     def _write_temp(self, path: Path, data: bytes | bytearray) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp.{path.name}.{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".tmp.{path.name}.{uuid.uuid4().hex}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise BackendError(f"cannot write {path.relative_to(self.root)} in {self.root}: {exc.strerror}") from None
         try:
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
             os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise BackendError(f"cannot write {path.relative_to(self.root)} in {self.root}: {exc.strerror}") from None
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)

@@ -97,6 +97,9 @@ def restore_command(opts: Options, stanza: str) -> str:
     parts.append(f"--repo={shlex.quote(opts.require_repo())}")
     if opts.passphrase_file:
         parts.append(f"--passphrase-file={shlex.quote(str(Path(opts.passphrase_file).resolve()))}")
+    if opts.archive_async:
+        parts.append(f"--archive-async --spool-path={shlex.quote(str(Path(opts.spool_path).absolute()))}")
+        parts.append(f"--archive-get-queue-max={opts.archive_get_queue_max} --jobs={opts.jobs}")
     parts.append("wal-fetch %f %p")
     return " ".join(parts)
 

@@ -1,6 +1,8 @@
 """wal-push and wal-fetch: what archive_command and restore_command run.
 
 Started once per 16 MB segment, so this path imports no psycopg, no pool, no cloud SDK.
+With --archive-async both hand the work to a background worker (ops/archive_async.py,
+ops/fetch_async.py); the checks and the repository calls live here, shared by both modes.
 """
 
 from __future__ import annotations
@@ -13,40 +15,55 @@ from pgvault.errors import ClusterMismatchError, ConfigError, WalError
 from pgvault.ops.common import open_repository
 from pgvault.pg import wal
 from pgvault.pipeline.codecs import codec_by_name
+from pgvault.repository.repository import Repository, StanzaInfo
 
 
 def wal_push(opts: Options) -> bool:
     """Archive one WAL file. True if stored, False if the identical file was already there."""
     stanza = opts.require_stanza()
+    path = push_path(opts)
+    if opts.archive_async:
+        from pgvault.ops.archive_async import push_async
+
+        push_async(opts, path)
+        return True
+    repo = open_repository(opts)
+    return push_file(opts, repo, repo.stanza_info(stanza), path)
+
+
+def push_path(opts: Options) -> Path:
     if len(opts.args) != 1:
         raise ConfigError("wal-push takes one argument: the WAL file path (%p)")
     path = Path(opts.args[0])
     if not path.is_absolute() and opts.pg_data:
         path = Path(opts.pg_data) / path
-    name = path.name
     try:
-        kind = wal.wal_file_kind(name)
+        wal.wal_file_kind(path.name)
     except ValueError:
-        raise ConfigError(f"{name!r} is not a WAL file name") from None
+        raise ConfigError(f"{path.name!r} is not a WAL file name") from None
+    return path.absolute()
+
+
+def push_file(opts: Options, repo: Repository, info: StanzaInfo, path: Path) -> bool:
+    """Check one WAL file against the stanza and store it; see Repository.put_wal."""
+    name = path.name
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise WalError(f"cannot read WAL file {path}: {exc.strerror}") from None
-    repo = open_repository(opts)
-    info = repo.stanza_info(stanza)
-    if kind in ("segment", "partial"):
+    if wal.wal_file_kind(name) in ("segment", "partial"):
         if len(data) != info.wal_segment_size:
             raise WalError(f"WAL file {name} is {len(data)} bytes, expected {info.wal_segment_size}")
         sysid = wal.segment_system_id(data[:64])
         if sysid is not None and str(sysid) != info.system_id:
             raise ClusterMismatchError(
-                f"WAL file {name} is from system {sysid}, but stanza {stanza} is system {info.system_id}"
+                f"WAL file {name} is from system {sysid}, but stanza {info.stanza} is system {info.system_id}"
             )
-    return repo.put_wal(stanza, name, data, codec_by_name(opts.compress), opts.compress_level)
+    return repo.put_wal(info.stanza, name, data, codec_by_name(opts.compress), opts.compress_level)
 
 
 def wal_fetch(opts: Options) -> None:
-    """Fetch one WAL file into DEST; NotFoundError (exit 1) only if it is truly absent."""
+    """Fetch one WAL file into DEST; WalNotFoundError (exit 1) only if it is truly absent."""
     stanza = opts.require_stanza()
     if len(opts.args) != 2:
         raise ConfigError("wal-fetch takes two arguments: the WAL file name (%f) and destination (%p)")
@@ -55,12 +72,21 @@ def wal_fetch(opts: Options) -> None:
         wal.wal_file_kind(name)
     except ValueError:
         raise ConfigError(f"{name!r} is not a WAL file name") from None
-    repo = open_repository(opts)
-    repo.stanza_info(stanza)  # an unknown stanza is a misconfiguration, never "absent"
-    data = repo.get_wal(stanza, name)
     target = Path(dest)
     if not target.is_absolute() and opts.pg_data:
         target = Path(opts.pg_data) / target
+    if opts.archive_async:
+        from pgvault.ops.fetch_async import fetch_async
+
+        fetch_async(opts, name, target.absolute())
+        return
+    repo = open_repository(opts)
+    repo.stanza_info(stanza)  # an unknown stanza is a misconfiguration, never "absent"
+    write_file(target, repo.get_wal(stanza, name))
+
+
+def write_file(target: Path, data: bytes) -> None:
+    """Write via a temporary name, so PostgreSQL never sees a partial segment."""
     tmp = target.with_name(f".{target.name}.pgvault.tmp")
     with open(tmp, "wb") as f:
         f.write(data)

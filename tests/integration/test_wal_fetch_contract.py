@@ -31,6 +31,21 @@ def test_fetch_exit_codes(
     assert vault.run("wal-fetch", "0000000100000099000000FF", str(dest), check=False).returncode == 1
     assert vault.run("wal-fetch", "00000009.history", str(dest), check=False).returncode == 1
 
+    # A promoted standby archives its old timeline's last segment as .partial; a .backup
+    # history file and a timeline .history file are small. All round-trip unchanged.
+    partial = tmp_path / (archived + ".partial")
+    partial.write_bytes(dest.read_bytes())
+    backup_file = tmp_path / f"{archived}.00000028.backup"
+    backup_file.write_text("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n")
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/3000158\tno recovery target specified\n")
+    for path in (partial, backup_file, history):
+        vault.run("wal-push", str(path))
+        vault.run("wal-push", str(path))  # the same content again is fine
+        fetched = tmp_path / "fetched"
+        vault.run("wal-fetch", path.name, str(fetched))
+        assert fetched.read_bytes() == path.read_bytes()
+
     group = next((vault.repo / "stanzas" / "main" / "wal").glob("00000001*"))
     group.chmod(0)
     try:

@@ -1,0 +1,88 @@
+"""--archive-async: a background pusher and a prefetching fetcher, on real servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.integration.conftest import Vault
+from tests.integration.test_roundtrip import table_digest
+from tests.support.pgserver import PgServer
+
+pytestmark = pytest.mark.integration
+
+
+def test_async_archive_and_prefetching_recovery(
+    pg_major: int,
+    tmp_path: Path,
+    make_vault: Callable[..., Vault],
+    pg_server_factory: Callable[..., PgServer],
+    pg_wrap_factory: Callable[..., PgServer],
+) -> None:
+    vault = make_vault(encrypted=True)
+    spool = tmp_path / "spool"
+    async_args = f"--archive-async --spool-path={spool}"
+    source = pg_server_factory(pg_major, archive_command=f"{vault.command_line()} {async_args} wal-push %p",
+                               extra_conf={"max_wal_size": "64MB"})
+    vault.run(f"--pg-conninfo={source.conninfo()}", "stanza-create")
+    source.pgbench("-i", "-s", "2", "-q")
+    backup = vault.run(f"--pg-conninfo={source.conninfo()}", "backup").stdout.strip()
+    start = source.psql("select pg_current_wal_lsn()")
+    source.pgbench("-n", "-c", "2", "-t", "2000")
+    source.psql("create table big as select g, md5(g::text) from generate_series(1, 600000) g")
+    segments = int(source.psql(f"select floor((pg_current_wal_lsn() - '{start}') / (16 * 1024 * 1024))"))
+    assert segments >= 4, segments
+    source.switch_wal_and_wait_archived()
+    archiver = source.psql("select archived_count, failed_count from pg_stat_archiver").split("|")
+    assert int(archiver[0]) >= segments and archiver[1] == "0", archiver
+    expected = {t: table_digest(source, t) for t in ("pgbench_accounts", "pgbench_history", "big")}
+
+    target = tmp_path / "restored"
+    vault.run("restore", f"--set={backup}", f"--pg-data={target}", "--archive-async", f"--spool-path={spool}")
+    assert "--archive-async" in (target / "postgresql.auto.conf").read_text()
+    restored = pg_wrap_factory(target, conf={"archive_mode": "off"})
+    restored.wait_for_recovery_end()
+    for table, digest in expected.items():
+        assert table_digest(restored, table) == digest, table
+    log = (spool / "main" / "fetch" / "fetcher.log")
+    assert not log.exists() or "Error" not in log.read_text()
+
+
+def test_async_push_reports_failures_and_recovers(
+    one_pg_major: int, tmp_path: Path, make_vault: Callable[..., Vault], pg_server_factory: Callable[..., PgServer]
+) -> None:
+    vault = make_vault()
+    source = pg_server_factory(one_pg_major, archive_command=f"{vault.command_line()} wal-push %p")
+    vault.run(f"--pg-conninfo={source.conninfo()}", "stanza-create")
+    segment = source.switch_wal_and_wait_archived()
+    (vault.repo / "stanzas" / "main" / "wal" / segment[:16] / segment).unlink()
+
+    # A copy of pg_wal with one file marked ready, as the archiver leaves it.
+    wal_dir = tmp_path / "pg_wal"
+    (wal_dir / "archive_status").mkdir(parents=True)
+    shutil.copy(source.data_dir / "pg_wal" / segment, wal_dir / segment)
+    (wal_dir / "archive_status" / f"{segment}.ready").touch()
+    spool = tmp_path / "spool"
+    push = ["--archive-async", f"--spool-path={spool}", "--archive-timeout=20", "wal-push", str(wal_dir / segment)]
+
+    walgroup = vault.repo / "stanzas" / "main" / "wal" / segment[:16]
+    walgroup.chmod(0o500)  # the repository refuses writes
+    try:
+        proc = vault.run(*push, check=False)
+        assert proc.returncode not in (0, 1) and "asynchronous push" in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1
+    finally:
+        walgroup.chmod(0o700)
+    vault.run(*push)
+    assert (walgroup / segment).exists()
+    fetched = tmp_path / "fetched"
+    vault.run("wal-fetch", segment, str(fetched), "--archive-async", f"--spool-path={spool}")
+    assert fetched.read_bytes() == (wal_dir / segment).read_bytes()
+    missing = vault.run("wal-fetch", segment[:16] + "000000FE", str(fetched), "--archive-async",
+                        f"--spool-path={spool}", check=False)
+    assert missing.returncode == 1, missing.stderr
+    assert os.stat(spool / "main" / "fetch").st_mode & 0o077 == 0
