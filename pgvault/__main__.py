@@ -1,5 +1,5 @@
-"""`python -m pgvault` runs the command line."""
+"""`python -m pgvault` runs the command line (through the async fast path, as the script does)."""
 
-from pgvault.cli import main
+from pgvault._fastpath import main
 
 raise SystemExit(main())

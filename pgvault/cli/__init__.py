@@ -40,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(3)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with only=COMMAND just that command's subparser is built, which is what
+    a run needs (wal-push runs once per WAL segment: each millisecond counts)."""
     from pgvault.cli.commands import COMMAND_HELP
 
     parser = _Parser(prog="pgvault", description="PostgreSQL backup and restore.")
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, (help_text, positionals) in COMMAND_HELP.items():
+        if only is not None and name != only:
+            continue
         cmd = sub.add_parser(name, help=help_text)
         _add_options(cmd)
         for positional in positionals:
@@ -56,9 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_in(args: list[str]) -> str | None:
+    """The command word, if args name exactly one (options never take a command's name)."""
+    from pgvault.cli.commands import COMMAND_HELP
+
+    found = [a for a in args if a in COMMAND_HELP]
+    return found[0] if len(found) == 1 else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    fetching = "wal-fetch" in args
+    fetching = "wal-fetch" in args  # decided before parsing: usage errors count too
     try:
         return _main(args)
     except SystemExit as exc:  # argparse: --help, --version, or a usage error (exit 3)
@@ -86,7 +98,8 @@ def _exit_code(fetching: bool, code: int, exc: BaseException) -> int:
 def _main(args: list[str]) -> int:
     from pgvault.cli.commands import COMMAND_HELP, run
 
-    parser = build_parser()
+    only = _command_in(args) if "-h" not in args and "--help" not in args else None
+    parser = build_parser(only)
     ns = vars(parser.parse_args(args))
     command = ns.pop("command")
     positionals = tuple(ns.pop(p.replace("-", "_")) for p in COMMAND_HELP[command][1])

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pgvault.config import Options
 from pgvault.errors import PgvaultError, WalError
 from pgvault.ops import spool
-from pgvault.ops.common import open_repository
 from pgvault.ops.wal import push_file
 
 log = logging.getLogger(__name__)
@@ -58,7 +56,10 @@ def _pending(wal_dir: Path, out: Path) -> list[str]:
 def run_pusher(opts: Options, wal_dir: Path, out: Path, lock: spool.WorkerLock) -> None:
     """Push every ready file until none has appeared for LINGER seconds."""
     if not lock.acquire():
-        return  # another pusher won the race
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pgvault.ops.common import open_repository  # in the worker only  # another pusher won the race
     repo = open_repository(opts)
     info = repo.stanza_info(opts.require_stanza())
 

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pgvault.config import Options
 from pgvault.errors import PgvaultError, WalError, WalNotFoundError
-from pgvault.ops import spool
-from pgvault.ops.common import open_repository
+from pgvault.ops import fetch_queue, spool
 from pgvault.pg import wal
 
 log = logging.getLogger(__name__)
@@ -34,15 +31,18 @@ LINGER = 2.0  # seconds the prefetcher waits for the next request before it exit
 def fetch_async(opts: Options, name: str, target: Path) -> None:
     stanza = opts.require_stanza()
     queue = spool.spool_dir(opts.spool_path, stanza, "fetch")
-    ready, missing, error = queue / name, queue / f"{name}.missing", queue / f"{name}.error"
-    lock = spool.WorkerLock(queue / "fetcher.lock")
+    missing, error = queue / f"{name}.missing", queue / f"{name}.error"
+    lock = spool.WorkerLock(queue / fetch_queue.LOCK)
+    if fetch_queue.deliver_if_queued(str(queue), name, str(target)):
+        if not lock.held_elsewhere():
+            spool.spawn(lambda: run_prefetcher(opts, queue, lock), queue / "fetcher.log")
+        return
     missing.unlink(missing_ok=True)  # only a look taken after this request counts
     error.unlink(missing_ok=True)
-    spool.write_status(queue / "want", f"{name} {os.getpid()} {time.time_ns()}")  # a new request
+    fetch_queue.announce(str(queue), name, "need")
     deadline = spool.deadline_after(opts.archive_timeout)
     while True:
-        if ready.exists():
-            _deliver(ready, target)
+        if fetch_queue.deliver_if_queued(str(queue), name, str(target)):
             return
         if missing.exists():
             missing.unlink()
@@ -58,16 +58,6 @@ def fetch_async(opts: Options, name: str, target: Path) -> None:
         time.sleep(spool.POLL)
 
 
-def _deliver(queued: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.pgvault.tmp")
-    try:
-        os.replace(queued, tmp)
-    except OSError:  # spool on another filesystem
-        shutil.copyfile(queued, tmp)
-        queued.unlink()
-    os.replace(tmp, target)
-
-
 def upcoming(name: str, count: int, seg_size: int) -> list[str]:
     """name and the segments after it on its timeline (just name for other WAL files)."""
     if not wal.SEGMENT_RE.match(name):
@@ -80,6 +70,9 @@ def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
     """Keep the segments after the wanted one queued until no request came for LINGER s."""
     if not lock.acquire():
         return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pgvault.ops.common import open_repository  # in the worker only
     stanza = opts.require_stanza()
     repo = open_repository(opts)
     info = repo.stanza_info(stanza)
@@ -104,17 +97,14 @@ def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
         os.replace(tmp, queue / name)
 
     last_request = time.monotonic()
-    request = ""
+    request = ("", "", "")
     with ThreadPoolExecutor(max_workers=opts.jobs, thread_name_prefix="pgvault-fetch") as pool:
         while time.monotonic() - last_request < LINGER:
-            try:
-                latest = (queue / "want").read_text()
-            except FileNotFoundError:
-                latest = ""
+            latest = fetch_queue.read_request(str(queue))
             fresh = latest != request
             if fresh:
                 request, last_request = latest, time.monotonic()
-            wanted = request.split(" ")[0]
+            wanted, state, _ = request
             if not wanted:
                 time.sleep(0.02)
                 continue
@@ -123,7 +113,7 @@ def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
             for queued in queue.iterdir():  # segments recovery has moved past
                 if wal.SEGMENT_RE.match(queued.name) and queued.name not in keep:
                     queued.unlink(missing_ok=True)
-            if fresh and not (queue / wanted).exists():
+            if fresh and state == "need" and not (queue / wanted).exists():
                 fetch(wanted, wanted)  # answers this request: the file, .missing or .error
             todo = []
             for n in names[1:]:

@@ -10,12 +10,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from pgvault.config import Options
 from pgvault.errors import ClusterMismatchError, ConfigError, WalError
-from pgvault.ops.common import open_repository
 from pgvault.pg import wal
-from pgvault.pipeline.codecs import codec_by_name
-from pgvault.repository.repository import Repository, StanzaInfo
+
+if TYPE_CHECKING:
+    from pgvault.repository.repository import Repository, StanzaInfo
+
+# The repository (codecs, crypto, backends) is imported only where it is used: an
+# asynchronous wal-push or wal-fetch in the foreground never touches it.
 
 
 def wal_push(opts: Options) -> bool:
@@ -27,6 +32,8 @@ def wal_push(opts: Options) -> bool:
 
         push_async(opts, path)
         return True
+    from pgvault.ops.common import open_repository
+
     repo = open_repository(opts)
     return push_file(opts, repo, repo.stanza_info(stanza), path)
 
@@ -46,6 +53,8 @@ def push_path(opts: Options) -> Path:
 
 def push_file(opts: Options, repo: Repository, info: StanzaInfo, path: Path) -> bool:
     """Check one WAL file against the stanza and store it; see Repository.put_wal."""
+    from pgvault.pipeline.codecs import codec_by_name
+
     name = path.name
     try:
         data = path.read_bytes()
@@ -80,6 +89,8 @@ def wal_fetch(opts: Options) -> None:
 
         fetch_async(opts, name, target.absolute())
         return
+    from pgvault.ops.common import open_repository
+
     repo = open_repository(opts)
     repo.stanza_info(stanza)  # an unknown stanza is a misconfiguration, never "absent"
     write_file(target, repo.get_wal(stanza, name))

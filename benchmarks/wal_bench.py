@@ -1,0 +1,202 @@
+"""WAL and delta-restore benchmark: pgvault against pgBackRest on one cluster, in one run.
+
+    python -m benchmarks.wal_bench --pg 15 --segments 64 --rounds 3 [--pgbackrest PATH]
+
+Measures, alternating the engines each round (A B, then B A) and reporting medians:
+  - sync push: milliseconds per 16 MiB segment for one archive_command call each
+    (pgvault wal-push vs pgbackrest archive-push, zstd level 1 both);
+  - async push: segments per second draining a backlog of ready segments the way the
+    archiver does (one command per segment, in order, .ready renamed to .done on success);
+  - recovery: wall time of replaying the archived WAL (--segments x 16 MiB) from the
+    archive after a restore, each engine with its asynchronous prefetching fetch;
+  - delta restore after --churn of the pages changed: wall time against a fresh restore.
+Run as an unprivileged user (PostgreSQL refuses root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench import PgBackRest, PgVault, churn, timed  # noqa: E402
+from tests.support.pgserver import PgServer  # noqa: E402
+
+
+def run(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}")
+    return time.perf_counter() - start
+
+
+def push_commands(engine: PgVault | PgBackRest, spool: Path, asynchronous: bool, pg_root: Path) -> list[str]:
+    extra = ["--compress-level=1"] + (["--archive-async", f"--spool-path={spool}"] if asynchronous else [])
+    if isinstance(engine, PgVault):
+        return [*engine.base, *extra, "wal-push"]
+    return [*engine.base(), *extra, f"--pg1-path={pg_root}", "archive-push"]
+
+
+def fresh_repo(engine: PgVault | PgBackRest) -> None:
+    shutil.rmtree(engine.repo, ignore_errors=True)
+    engine.setup()
+
+
+def drain(engine: PgVault | PgBackRest, segments: list[Path], work: Path, asynchronous: bool) -> float:
+    """Archive every segment as the archiver would; returns the wall time."""
+    pg_root = work / "pg-root"  # pgBackRest wants pg_wal inside its pg1-path
+    wal_dir = pg_root / "pg_wal"
+    shutil.rmtree(wal_dir, ignore_errors=True)
+    (wal_dir / "archive_status").mkdir(parents=True)
+    for seg in segments:
+        os.link(seg, wal_dir / seg.name)
+        (wal_dir / "archive_status" / f"{seg.name}.ready").touch()
+    spool = work / f"spool-{engine.name}"
+    shutil.rmtree(spool, ignore_errors=True)
+    cmd = push_commands(engine, spool, asynchronous, pg_root)
+    start = time.perf_counter()
+    for seg in segments:
+        run([*cmd, str(wal_dir / seg.name)])
+        os.rename(wal_dir / "archive_status" / f"{seg.name}.ready", wal_dir / "archive_status" / f"{seg.name}.done")
+    return time.perf_counter() - start
+
+
+def recover(server_major: int, target: Path, work: Path) -> float:
+    """Start a restored cluster and time it until recovery has ended."""
+    restored = PgServer.from_data_dir(target, work / f"run-{target.name}", major=server_major, conf={"archive_mode": "off"})
+    start = time.perf_counter()
+    restored.start(timeout=3600)
+    restored.wait_for_recovery_end(timeout=3600)
+    elapsed = time.perf_counter() - start
+    restored.stop()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pg", type=int, default=15)
+    parser.add_argument("--segments", type=int, default=64, help="WAL segments generated (64 = 1 GiB)")
+    parser.add_argument("--scale", type=int, default=50, help="pgbench scale for the delta restore part")
+    parser.add_argument("--churn", type=float, default=0.02)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pgbackrest", default=shutil.which("pgbackrest") or "")
+    parser.add_argument("--work", default=None)
+    args = parser.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="pgvault-walbench-", dir="/var/tmp"))
+    server = PgServer(args.pg, work / "cluster")
+    vault = PgVault(work, server, args.jobs)
+    engines: list[PgVault | PgBackRest] = [vault]
+    if args.pgbackrest:
+        engines.append(PgBackRest(work, server, args.jobs, args.pgbackrest))
+    collected = work / "collected-wal"
+    collected.mkdir()
+    archive = " && ".join([*(e.archive_command() for e in engines), f"cp %p {collected}/%f"])
+    server.init(archive_command=archive, extra_conf={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
+    server.start()
+    results: dict[str, dict[str, list[float]]] = {e.name: {} for e in engines}
+
+    def record(engine: str, key: str, value: float) -> None:
+        results[engine].setdefault(key, []).append(value)
+        print(f"# {engine} {key} {value:.3f}", file=sys.stderr)
+
+    try:
+        for engine in engines:
+            engine.setup()
+        pg_root = work / "pg-root"  # stands in for the cluster when pgBackRest archives copied WAL
+        (pg_root / "global").mkdir(parents=True)
+        shutil.copy(server.data_dir / "global" / "pg_control", pg_root / "global" / "pg_control")
+        shutil.copy(server.data_dir / "PG_VERSION", pg_root / "PG_VERSION")
+        server.pgbench("-i", "-s", str(args.scale), "-q")
+        server.switch_wal_and_wait_archived(timeout=1800)
+        for engine in engines:
+            engine.backup("full")
+        # WAL to replay: pgbench until --segments segments have been written.
+        start_lsn = server.psql("select pg_current_wal_lsn()")
+        while int(server.psql(f"select floor((pg_current_wal_lsn() - '{start_lsn}') / 16777216)")) < args.segments:
+            server.pgbench("-n", "-c", "2", "-T", "10")
+        server.switch_wal_and_wait_archived(timeout=3600)
+        segments = sorted(p for p in collected.iterdir() if len(p.name) == 24)[-args.segments :]
+
+        for rnd in range(args.rounds):
+            order = engines if rnd % 2 == 0 else list(reversed(engines))
+            # Recovery of the archived WAL, prefetched asynchronously by both engines.
+            for engine in order:
+                target = work / f"recover-{engine.name}"
+                shutil.rmtree(target, ignore_errors=True)
+                spool = work / f"fetch-spool-{engine.name}"
+                shutil.rmtree(spool, ignore_errors=True)
+                if isinstance(engine, PgVault):
+                    run([*engine.base, "restore", f"--pg-data={target}", "--archive-async", f"--spool-path={spool}"])
+                else:
+                    # restore_command inherits the config file: one with the async queue on.
+                    conf = work / "pgbackrest-async.conf"
+                    conf.write_text(engine.conf.read_text().replace(
+                        "[global]\n", f"[global]\narchive-async=y\narchive-get-queue-max=256MiB\n", 1
+                    ).replace(f"spool-path={work / 'pgbr-spool'}", f"spool-path={spool}"))
+                    run([engine.exe, f"--config={conf}", "--stanza=bench", "restore", f"--pg1-path={target}"])
+                record(engine.name, "recovery_wall_s", recover(args.pg, target, work))
+                shutil.rmtree(target, ignore_errors=True)
+            for engine in order:
+                fresh_repo(engine)
+                record(engine.name, "sync_push_ms_per_segment", drain(engine, segments, work, False) * 1000 / len(segments))
+                fresh_repo(engine)
+                record(engine.name, "async_push_segments_per_s", len(segments) / drain(engine, segments, work, True))
+        # Delta restore after churn, against a fresh restore (the repositories were renewed above).
+        for engine in engines:
+            engine.backup("full")
+        stale = {e.name: work / f"delta-{e.name}" for e in engines}
+        for engine in engines:
+            shutil.rmtree(stale[engine.name], ignore_errors=True)
+            engine.restore(stale[engine.name])
+        churn(server, args.scale, args.churn, seed=7)
+        server.psql("checkpoint")
+        for engine in engines:
+            engine.backup("incr")
+        for rnd in range(args.rounds):
+            order = engines if rnd % 2 == 0 else list(reversed(engines))
+            for engine in order:
+                fresh = work / f"fresh-{engine.name}"
+                shutil.rmtree(fresh, ignore_errors=True)
+                record(engine.name, "fresh_restore_wall_s", engine.restore(fresh).wall)
+                shutil.rmtree(fresh, ignore_errors=True)
+                target = stale[engine.name]
+                if isinstance(engine, PgVault):
+                    sample = timed([*engine.base, "restore", f"--pg-data={target}", "--delta"])
+                else:
+                    sample = timed([*engine.base(), "restore", f"--pg1-path={target}", "--delta"])
+                record(engine.name, "delta_restore_wall_s", sample.wall)
+    finally:
+        server.cleanup()
+
+    medians = {e: {k: statistics.median(v) for k, v in r.items()} for e, r in results.items()}
+    print(f"pg {args.pg}, {args.segments} segments, scale {args.scale}, churn {args.churn}, jobs {args.jobs}, "
+          f"{args.rounds} rounds; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+          f"{platform.machine()}, {os.cpu_count()} cores; "
+          f"{engines[1].version if len(engines) > 1 else 'no pgbackrest'}")  # type: ignore[union-attr]
+    print("\n| metric | " + " | ".join(medians) + " | pgvault / pgbackrest |\n" + "|---" * (len(medians) + 2) + "|")
+    for key in sorted({k for m in medians.values() for k in m}):
+        row = [f"{medians[e].get(key, float('nan')):.3f}" for e in medians]
+        ratio = "-"
+        if "pgbackrest" in medians and medians["pgbackrest"].get(key):
+            ratio = f"{medians['pgvault'][key] / medians['pgbackrest'][key]:.2f}"
+        print(f"| {key} | " + " | ".join(row) + f" | {ratio} |")
+    for engine in ("pgvault", "pgbackrest"):
+        if engine in medians and medians[engine].get("fresh_restore_wall_s"):
+            m = medians[engine]
+            print(f"\n{engine}: delta / fresh restore = {m['delta_restore_wall_s'] / m['fresh_restore_wall_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The console entry point, with a fast path for --archive-async.
+
+PostgreSQL starts archive_command once per WAL segment and restore_command once per file.
+In async mode the background worker has usually done the work already, and the answer is a
+file in the spool: this module finds it using only os and sys, before the rest of pgvault
+(argparse, the config, the repository) is imported. Anything it cannot settle for certain
+(options in a config file, an option given as two words, no spool entry) goes the normal way.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_TRUE = ("1", "y", "yes", "true", "on")
+
+
+def _settled(args: list[str]) -> bool:
+    """True if this wal-push/wal-fetch call was answered from the spool."""
+    options: dict[str, str] = {}
+    words: list[str] = []
+    for arg in args:
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            if not eq and name != "archive-async":
+                return False  # '--name value' needs the real parser
+            options[name] = value if eq else "y"
+        else:
+            words.append(arg)
+    if not words or words[0] not in ("wal-push", "wal-fetch"):
+        return False
+    command, positionals = words[0], words[1:]
+
+    def option(name: str) -> str | None:
+        return options.get(name) or os.environ.get("PGVAULT_" + name.upper().replace("-", "_"))
+
+    if (option("archive-async") or "").lower() not in _TRUE:
+        return False
+    spool, stanza = option("spool-path"), option("stanza")
+    if not spool or not stanza or "/" in stanza or stanza.startswith("."):
+        return False
+    if command == "wal-push" and len(positionals) == 1:
+        name = os.path.basename(positionals[0])
+        return os.path.exists(os.path.join(spool, stanza, "push", name + ".ok"))
+    if command == "wal-fetch" and len(positionals) == 2:
+        from pgvault.ops.fetch_queue import deliver_if_queued
+
+        return deliver_if_queued(os.path.join(spool, stanza, "fetch"), positionals[0], positionals[1], fast=True)
+    return False
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    try:
+        if _settled(args):
+            return 0
+    except OSError:
+        pass  # the normal path reports it properly
+    from pgvault.cli import main as full_main
+
+    return full_main(args)

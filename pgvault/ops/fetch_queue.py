@@ -1,0 +1,64 @@
+"""The prefetch queue's protocol between restore_command and the prefetcher, using only os.
+
+``want`` holds ``NAME STATE TOKEN``: STATE ``need`` when restore_command waits for NAME (the
+prefetcher fetches it, or answers NAME.missing / NAME.error), ``got`` when NAME was just
+taken from the queue (the prefetcher keeps the files after it queued). TOKEN makes every
+request new, even for the same name.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+
+LOCK = "fetcher.lock"
+
+
+def announce(queue: str, name: str, state: str) -> None:
+    tmp = os.path.join(queue, ".want.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{name} {state} {os.getpid()}.{time.time_ns()}")
+    os.replace(tmp, os.path.join(queue, "want"))
+
+
+def read_request(queue: str) -> tuple[str, str, str]:
+    """(name, state, token) of the latest request, or empty strings."""
+    try:
+        with open(os.path.join(queue, "want")) as f:
+            parts = f.read().split()
+    except FileNotFoundError:
+        return "", "", ""
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else ("", "", "")
+
+
+def prefetcher_running(queue: str) -> bool:
+    fd = os.open(os.path.join(queue, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we may have taken
+    return False
+
+
+def deliver_if_queued(queue: str, name: str, dest: str, fast: bool = False) -> bool:
+    """Move a queued file to dest (via a temporary name) and tell the prefetcher.
+
+    fast: only when the prefetcher is running, so the queue keeps being refilled; the slow
+    path delivers either way and starts a prefetcher itself.
+    """
+    queued = os.path.join(queue, name)
+    if not os.path.exists(queued) or (fast and not prefetcher_running(queue)):
+        return False
+    tmp = os.path.join(os.path.dirname(dest) or ".", f".{os.path.basename(dest)}.pgvault.tmp")
+    try:
+        os.replace(queued, tmp)
+    except OSError:  # the spool is on another filesystem
+        shutil.copyfile(queued, tmp)
+        os.unlink(queued)
+    os.replace(tmp, dest)
+    announce(queue, name, "got")
+    return True
