@@ -82,6 +82,44 @@ def recover(server_major: int, target: Path, work: Path) -> float:
     return elapsed
 
 
+def archive_under_load(engine_kind: str, args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """A fresh cluster archiving asynchronously with one engine while pgbench writes WAL as fast
+    as it can; returns WAL written, the largest backlog of .ready files, and drain time."""
+    base = work / f"load-{engine_kind}"
+    shutil.rmtree(base, ignore_errors=True)
+    server = PgServer(args.pg, base / "cluster")
+    engine: PgVault | PgBackRest = PgVault(base, server, args.jobs) if engine_kind == "pgvault" else \
+        PgBackRest(base, server, args.jobs, args.pgbackrest)
+    spool = base / "spool"
+    if isinstance(engine, PgVault):
+        command = " ".join([*engine.base, "--archive-async", f"--spool-path={spool}", "wal-push %p"])
+    else:
+        command = " ".join([*engine.base(), "--archive-async", f"--spool-path={spool}", "archive-push %p"])
+    server.init(archive_command=command, extra_conf={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
+    server.start()
+    try:
+        engine.setup()
+        server.pgbench("-i", "-s", "10", "-q")
+        server.switch_wal_and_wait_archived(timeout=600)
+        status = server.data_dir / "pg_wal" / "archive_status"
+        start_lsn = server.psql("select pg_current_wal_lsn()")
+        load = subprocess.Popen([str(server.bin("pgbench")), "-n", "-c", "4", "-j", "2", "-T", str(args.load_seconds),
+                                 "postgres"], env=server.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        backlog = 0
+        while load.poll() is None:
+            backlog = max(backlog, len(list(status.glob("*.ready"))))
+            time.sleep(0.5)
+        mib = float(server.psql(f"select (pg_current_wal_lsn() - '{start_lsn}') / 1048576"))
+        stop = time.perf_counter()
+        server.switch_wal_and_wait_archived(timeout=3600)
+        drain = time.perf_counter() - stop
+        failed = int(server.psql("select failed_count from pg_stat_archiver"))
+        return {"load_wal_mib_per_s": mib / args.load_seconds, "load_max_ready_backlog": backlog,
+                "load_drain_after_s": drain, "load_archive_failures": failed}
+    finally:
+        server.cleanup()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pg", type=int, default=15)
@@ -91,6 +129,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pgbackrest", default=shutil.which("pgbackrest") or "")
+    parser.add_argument("--load-seconds", type=int, default=60, help="pgbench load with async archiving (0: skip)")
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
 
@@ -179,6 +218,10 @@ def main() -> None:
                 record(engine.name, "delta_restore_wall_s", sample.wall)
     finally:
         server.cleanup()
+    if args.load_seconds:
+        for kind in [e.name for e in engines]:
+            for key, value in archive_under_load(kind, args, work).items():
+                record(kind, key, value)
 
     medians = {e: {k: statistics.median(v) for k, v in r.items()} for e, r in results.items()}
     print(f"pg {args.pg}, {args.segments} segments, scale {args.scale}, churn {args.churn}, jobs {args.jobs}, "

@@ -5,6 +5,9 @@ In async mode the background worker has usually done the work already, and the a
 file in the spool: this module finds it using only os and sys, before the rest of pgvault
 (argparse, the config, the repository) is imported. Anything it cannot settle for certain
 (options in a config file, an option given as two words, no spool entry) goes the normal way.
+
+Python's own start-up is most of what is left: ``python -S`` skips importing site (and the
+.pth files of every installed package), which main() does only when the fast path misses.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def main() -> int:
             return 0
     except OSError:
         pass  # the normal path reports it properly
+    if sys.flags.no_site:
+        # Started as 'python -S' (restore_command is written that way): the site-packages
+        # that the rest of pgvault needs are only set up now, when they are needed.
+        import site
+
+        site.main()
     from pgvault.cli import main as full_main
 
     return full_main(args)

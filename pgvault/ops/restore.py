@@ -78,15 +78,13 @@ def _prepare_dir(path: Path, force: bool, what: str) -> None:
 def _self_command() -> str:
     """The command that runs this very pgvault, for restore_command.
 
-    Run as ``python -m pgvault``, the package's own location goes into PYTHONPATH, because
-    PostgreSQL runs restore_command from the data directory, where a different copy (or
-    none) may be importable.
+    ``PYTHONPATH=<where pgvault is> python -S -m pgvault``: PostgreSQL runs restore_command
+    from the data directory, where a different copy (or none) may be importable, and once per
+    WAL file, so start-up time counts; -S skips site until a call needs more than the
+    --archive-async fast path (see pgvault/_fastpath.py).
     """
-    exe = Path(sys.argv[0])
-    if exe.name == "pgvault" and exe.exists():
-        return shlex.quote(str(exe.resolve()))
     package_root = Path(__file__).resolve().parents[2]
-    return f"PYTHONPATH={shlex.quote(str(package_root))} {shlex.quote(sys.executable)} -m pgvault"
+    return f"PYTHONPATH={shlex.quote(str(package_root))} {shlex.quote(sys.executable)} -S -m pgvault"
 
 
 def restore_command(opts: Options, stanza: str) -> str:

@@ -37,8 +37,10 @@ class Vault:
 
         PYTHONPATH pins the checkout under test: PostgreSQL runs the command from its data
         directory, where ``-m`` would otherwise find an installed copy (another worktree's).
+        ``-S`` as restore writes it: site is loaded only when the async fast path misses.
         """
-        return " ".join([f"PYTHONPATH={shlex.quote(str(CHECKOUT))}", sys.executable, "-m", "pgvault", *self.base_args()])
+        return " ".join([f"PYTHONPATH={shlex.quote(str(CHECKOUT))}", sys.executable, "-S", "-m", "pgvault",
+                         *self.base_args()])
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
