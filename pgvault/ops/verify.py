@@ -433,8 +433,10 @@ def _trailer_fault(repo: Repository, pack: str, data: memoryview, indexed: list[
 
 
 def render_text(report: VerifyReport) -> str:
-    scope = {"full": "every pack read", "sample": f"{report.sample_percent:g}% of packs read",
-             "metadata": "metadata only"}[report.mode]
+    if report.mode == "sample":
+        scope = f"{report.sample_percent:g}% of packs read"
+    else:
+        scope = "every pack read" if report.mode == "full" else "metadata only"
     lines = [
         f"verify ({scope}): {len(report.backups)} backups, {report.packs_checked} of {report.packs_used} packs, "
         f"{report.blocks_checked} blocks, {report.wal_checked} WAL segments, "
