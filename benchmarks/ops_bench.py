@@ -62,8 +62,10 @@ def main() -> None:
         server.switch_wal_and_wait_archived()
         run([*vault.base, "expire", "--keep-last=1"])
         run([*pgbr.base(), "expire", "--repo1-retention-full=1"])
-        out["pgvault_wal_segments"] = len(list((vault.repo / "stanzas" / "bench" / "wal").rglob("0*")))
-        out["pgbackrest_wal_segments"] = len(list((pgbr.repo / "archive").rglob("0*-*")))
+        out["pgvault_wal_segments"] = len([p for p in (vault.repo / "stanzas" / "bench" / "wal").rglob("*")
+                                           if p.is_file() and len(p.name) == 24])
+        out["pgbackrest_wal_segments"] = len([p for p in (pgbr.repo / "archive").rglob("*")
+                                              if p.is_file() and len(p.name.split("-")[0]) == 24])
         for rnd in range(args.rounds):
             order = ["pgvault", "pgbackrest"] if rnd % 2 == 0 else ["pgbackrest", "pgvault"]
             for engine in order:
@@ -85,13 +87,14 @@ def main() -> None:
             vault.backup("full")
         server.switch_wal_and_wait_archived()
         before = du(vault.repo, skip="wal")
-        s = timed([*vault.base, "expire", f"--keep-last={args.backups - 1}", "--output=json", "--log-level=error"])
-        # timed() discards stdout; ask again in dry-run form for the numbers is not possible after
-        # the fact, so measure the repository instead.
+        keep = f"--keep-last={args.backups - 1}"
+        plan = json.loads(subprocess.run([*vault.base, "expire", keep, "--dry-run", "--output=json"],
+                                         capture_output=True, text=True, check=True).stdout)
+        s = timed([*vault.base, "expire", keep])
         after = du(vault.repo, skip="wal")
         out["expire_one_of_ten"] = {"wall": s.wall, "cpu": s.cpu, "rss_mb": s.rss_mb,
                                     "repo_mib_before": before / 2**20, "repo_mib_after": after / 2**20,
-                                    "freed_mib": (before - after) / 2**20}
+                                    "freed_mib": (before - after) / 2**20, "plan": plan}
         check = subprocess.run([*vault.base, "verify"], capture_output=True, text=True)
         out["verify_after_expire_exit"] = check.returncode
     finally:

@@ -39,14 +39,14 @@ def _choice(name: str, *choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _percent(name: str) -> Callable[[str], float]:
+def _percent(name: str, zero: bool = False) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text.rstrip("%"))
         except ValueError:
             raise ConfigError(f"option {name}: {text!r} is not a percentage") from None
-        if not 0 < value <= 100:
-            raise ConfigError(f"option {name}: {value} is out of range (above 0, at most 100)")
+        if not (0 <= value if zero else 0 < value) or value > 100:
+            raise ConfigError(f"option {name}: {value} is out of range ({'0' if zero else 'above 0'} to 100)")
         return value
 
     return parse
@@ -129,6 +129,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("keep-monthly", "expire: keep the newest backup of each of the last N months with backups", _int("keep-monthly", 1, 1000000), metavar="N"),
     OptionSpec("keep-wal-within", "expire: keep WAL for point-in-time recovery over DURATION only", _duration("keep-wal-within"), metavar="DURATION"),
     OptionSpec("dry-run", "expire, gc: show what would be removed, remove nothing", _bool, False, flag=True),
+    OptionSpec("max-unused", "expire, gc: repack packs until unreferenced bytes are at most PERCENT of the repository", _percent("max-unused", zero=True), 10.0, metavar="PERCENT"),
 )
 
 
@@ -176,6 +177,7 @@ class Options:
     keep_monthly: int | None
     keep_wal_within: int | None
     dry_run: bool
+    max_unused: float
     # Options given explicitly (flag, environment or file), for commands whose default differs
     # from the shared one (verify checks every backup unless --set is given).
     given: frozenset[str] = frozenset()

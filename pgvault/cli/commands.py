@@ -153,7 +153,8 @@ def _gc_line(gc: dict[str, Any]) -> str:
     verb = "would free" if gc["dry_run"] else "freed"
     return (
         f"gc: {gc['packs_deleted']} packs deleted, {gc['packs_repacked']} repacked into {gc['packs_written']}, "
-        f"{gc['packs_orphaned']} orphans; {verb} {gc['bytes_freed'] / 2**20:.1f} MiB"
+        f"{gc['packs_orphaned']} orphans; {verb} {gc['bytes_freed'] / 2**20:.1f} MiB, "
+        f"{gc['bytes_unused'] / 2**20:.1f} MiB unused left in mostly-live packs"
     )
 
 

@@ -171,14 +171,15 @@ def expire(opts: Options, now: float | None = None) -> ExpireResult:
         kept = [m for m in manifests if m.backup_id in keep]
         result.wal_deleted = wal_to_delete(repo.list_wal(stanza), kept, info.wal_segment_size, opts.keep_wal_within, now)
         if opts.dry_run:
-            result.gc = collect(repo, None, dry_run=True, skip=frozenset((stanza, b) for b in result.expired))
+            result.gc = collect(repo, None, dry_run=True, max_unused=opts.max_unused / 100,
+                                skip=frozenset((stanza, b) for b in result.expired))
             return result
         lock.ensure_held()
         for backup_id in result.expired:
             repo.delete_backup(stanza, backup_id)
         for name in result.wal_deleted:
             repo.delete_wal(stanza, name)
-        result.gc = collect(repo, lock)
+        result.gc = collect(repo, lock, max_unused=opts.max_unused / 100)
     return result
 
 
@@ -186,7 +187,7 @@ def gc(opts: Options) -> GcResult:
     """Garbage collection alone: after killed backups, or after deleting backups by hand."""
     repo = open_repository(opts)
     with locks.hold(repo, locks.LockRequest("gc", exclusive=not opts.dry_run), opts.lock_timeout) as lock:
-        return collect(repo, None if opts.dry_run else lock, dry_run=opts.dry_run)
+        return collect(repo, None if opts.dry_run else lock, dry_run=opts.dry_run, max_unused=opts.max_unused / 100)
 
 
 def pin(opts: Options, on: bool) -> str:

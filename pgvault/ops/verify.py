@@ -7,7 +7,7 @@ from its start to its stop is archived (else it cannot be restored consistently)
 from there to the end of the archive along its timeline path has no gap (else point-in-time
 recovery stops at the gap). Each fault names the backup it affects.
 
-Modes: full (read every pack the selected backups use, once each: one GET per pack), sample
+Modes: full (read every pack the selected backups use, in ranged reads of up to 4 MiB), sample
 (`--sample PERCENT`: a random share of those packs and WAL segments, as restic's read-data-subset,
 for cheap daily runs), metadata (`--metadata-only`: manifests, index objects, pack sizes and the
 WAL listing; no pack data is read, so blocks inside block lists are not enumerated).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,9 @@ from pgvault.repository.repository import Repository, StanzaInfo
 
 # How many file names a fault lists.
 EXAMPLES = 3
+# Bytes of one pack checked per task (one ranged read).
+RUN_BYTES = 4 * 1024 * 1024
+GAP_BYTES = 64 * 1024
 
 
 @dataclass
@@ -290,13 +294,22 @@ class Verifier:
             assert self.report.sample_percent is not None
             count = max(1, math.ceil(len(to_read) * self.report.sample_percent / 100))
             to_read = sorted(random.sample(to_read, count))
+        # Tasks of at most RUN_BYTES of one pack each (one ranged read), so both workers stay
+        # busy even when a backup's data sits in a handful of 32 MiB packs; plus one trailer
+        # check per pack.
+        tasks: list[tuple[str, list[tuple[bytes, Location]] | None]] = []
+        for pack in to_read:
+            tasks.append((pack, None))
+            tasks.extend((pack, run) for run in _runs(by_pack[pack]))
         bar = progress(self.progress_mode, "verify", sum(sizes[p] for p in to_read))
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="pgvault-verify") as pool:
-            results = pool.map(lambda p: self._check_pack(p, by_pack[p], packs.get(p, []), bar), to_read)
-            for pack, (faults, size) in zip(to_read, results):
-                self.report.packs_checked += 1
+            results = pool.map(lambda t: self._check_task(t[0], t[1], packs.get(t[0], []), sizes[t[0]], bar), tasks)
+            for (pack, run), (faults, size) in zip(tasks, results):
+                if run is None:
+                    self.report.packs_checked += 1
+                else:
+                    self.report.blocks_checked += len(run)
                 self.report.bytes_read += size
-                self.report.blocks_checked += len(by_pack[pack])
                 for block_id, message in faults:
                     if block_id is None:
                         self.report.damaged = True
@@ -305,21 +318,30 @@ class Verifier:
                         self._fault(self.refs[block_id], message, block_id)
         bar.close()
 
-    def _check_pack(
-        self, pack: str, blocks: list[tuple[bytes, Location]], indexed: list[tuple[bytes, int, int]], bar: Progress
+    def _check_task(
+        self, pack: str, run: list[tuple[bytes, Location]] | None, indexed: list[tuple[bytes, int, int]],
+        size: int, bar: Progress,
     ) -> tuple[list[tuple[bytes | None, str]], int]:
-        """Read one pack whole; authenticate and re-hash the blocks backups use from it."""
+        if run is None:
+            fault, read = _trailer_fault(self.repo, pack, size, indexed)
+            return ([(None, fault)] if fault else []), read
+        return self._check_run(pack, run, bar)
+
+    def _check_run(self, pack: str, run: list[tuple[bytes, Location]], bar: Progress) -> tuple[list[tuple[bytes | None, str]], int]:
+        """One ranged read; authenticate and re-hash the blocks backups use from it."""
         keys = self.repo.keys
+        start = run[0][1].offset
+        end = max(loc.offset + loc.length for _, loc in run)
         try:
-            data = memoryview(self.repo.backend.get(layout.pack_key(pack)))
+            data = memoryview(self.repo.backend.get_range(layout.pack_key(pack), start, end - start))
         except ObjectNotFound:
-            return [(block_id, f"pack {pack} is missing") for block_id, _ in blocks], 0
+            return [(block_id, f"pack {pack} is missing") for block_id, _ in run], 0
         faults: list[tuple[bytes | None, str]] = []
-        trailer_fault = _trailer_fault(self.repo, pack, data, indexed)
-        if trailer_fault:
-            faults.append((None, trailer_fault))
-        for block_id, loc in blocks:
-            sealed = data[loc.offset : loc.offset + loc.length]
+        for block_id, loc in run:
+            sealed = data[loc.offset - start : loc.offset - start + loc.length]
+            if len(sealed) != loc.length:
+                faults.append((block_id, f"pack {pack} is truncated"))
+                continue
             try:
                 plain = envelope.open_(keys, sealed, block_id, Kind.BLOCK)
             except IntegrityError as exc:
@@ -414,22 +436,43 @@ def _reachable_end(archive: WalArchive, path: list[Any]) -> str | None:
     return last
 
 
-def _trailer_fault(repo: Repository, pack: str, data: memoryview, indexed: list[tuple[bytes, int, int]]) -> str | None:
+def _runs(blocks: list[tuple[bytes, Location]]) -> list[list[tuple[bytes, Location]]]:
+    """Blocks of one pack in offset order, cut into runs spanning at most RUN_BYTES, and where
+    unused blocks leave a gap of more than GAP_BYTES (not worth reading through)."""
+    runs: list[list[tuple[bytes, Location]]] = []
+    for item in sorted(blocks, key=lambda b: b[1].offset):
+        loc = item[1]
+        if (runs and loc.offset + loc.length - runs[-1][0][1].offset <= RUN_BYTES
+                and loc.offset - (runs[-1][-1][1].offset + runs[-1][-1][1].length) <= GAP_BYTES):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _trailer_fault(repo: Repository, pack: str, size: int, indexed: list[tuple[bytes, int, int]]) -> tuple[str | None, int]:
     """A pack's trailer must open and list what its index object lists (the index can be rebuilt
-    from trailers only if they are right)."""
+    from trailers only if they are right). Returns the fault, if any, and the bytes read."""
+    key = layout.pack_key(pack)
+    read = 0
     try:
-        if len(data) < TAIL.size:
+        if size < TAIL.size:
             raise IntegrityError("too short")
-        length, magic = TAIL.unpack_from(data, len(data) - TAIL.size)
-        if magic != PACK_MAGIC or length > len(data) - TAIL.size:
+        tail = repo.backend.get_range(key, size - TAIL.size, TAIL.size)
+        read += len(tail)
+        length, magic = TAIL.unpack(tail)
+        if magic != PACK_MAGIC or length > size - TAIL.size:
             raise IntegrityError("bad tail")
-        trailer = data[len(data) - TAIL.size - length : len(data) - TAIL.size]
+        trailer = repo.backend.get_range(key, size - TAIL.size - length, length)
+        read += len(trailer)
         name, entries = decode_entries(envelope.open_(repo.keys, trailer, pack.encode(), Kind.PACK_TRAILER))
-    except IntegrityError as exc:
-        return f"pack {pack}: trailer is unreadable ({exc})"
+    except ObjectNotFound:
+        return None, read  # reported per block
+    except (IntegrityError, struct.error) as exc:
+        return f"pack {pack}: trailer is unreadable ({exc})", read
     if name != pack or Counter(map(tuple, entries)) != Counter(map(tuple, indexed)):
-        return f"pack {pack}: trailer does not match its index object"
-    return None
+        return f"pack {pack}: trailer does not match its index object", read
+    return None, read
 
 
 def render_text(report: VerifyReport) -> str:

@@ -5,6 +5,8 @@ block-list blocks and the server's backup_manifest. Sweep, pack by pack:
 - a pack with no live block is deleted;
 - a pack whose live bytes are under REPACK_BELOW of its size has its live blocks copied into
   new packs (sealed bytes copied as they are, after authenticating them), then it is deleted;
+  further packs, most dead first, are repacked while the dead bytes left in kept packs exceed
+  max_unused of the repository (restic's --max-unused: space against repacking I/O);
 - a pack without an index object (left by a killed backup or GC) is deleted;
 - an index object whose pack is gone is deleted, unless a live block is only there (then the
   repository is damaged and GC stops, so that verify can name the backups affected).
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 # Repack a pack when less than this share of its bytes is live. Repacking costs a read and a
 # write of the live part (on object stores: egress and requests), so only mostly-dead packs pay.
 REPACK_BELOW = 0.5
+# And beyond that, while unreferenced bytes left in packs exceed this share of the repository.
+MAX_UNUSED = 0.10
 
 Entry = tuple[bytes, int, int]
 
@@ -53,6 +57,7 @@ class GcResult:
     blocks_copied: int = 0
     bytes_deleted: int = 0
     bytes_written: int = 0
+    bytes_unused: int = 0  # dead blocks left in packs that stay (below the repack threshold)
     dry_run: bool = False
     delete: list[str] = field(default_factory=list)
     repack: list[str] = field(default_factory=list)
@@ -71,6 +76,7 @@ class GcResult:
             "packs_written": self.packs_written,
             "blocks_copied": self.blocks_copied,
             "bytes_freed": self.bytes_freed,
+            "bytes_unused": self.bytes_unused,
             "dry_run": self.dry_run,
         }
 
@@ -105,7 +111,8 @@ def mark(repo: Repository, skip: frozenset[tuple[str, str]] = frozenset()) -> se
 
 
 def collect(repo: Repository, lock: RepositoryLock | None, *, dry_run: bool = False,
-            repack_below: float = REPACK_BELOW, skip: frozenset[tuple[str, str]] = frozenset()) -> GcResult:
+            repack_below: float = REPACK_BELOW, max_unused: float = MAX_UNUSED,
+            skip: frozenset[tuple[str, str]] = frozenset()) -> GcResult:
     """Run one garbage collection. The caller holds the exclusive lock (None only for a dry
     run, or in tests that drive GC directly)."""
     result = GcResult(dry_run=dry_run)
@@ -130,13 +137,25 @@ def collect(repo: Repository, lock: RepositoryLock | None, *, dry_run: bool = Fa
 
     doomed: list[str] = []
     repack: list[str] = []
+    dead: dict[str, int] = {}  # dead bytes of the packs that may stay
     for pack, entries in present.items():
         live_bytes = sum(length for block_id, _, length in entries if block_id in live)
         if live_bytes == 0:
             doomed.append(pack)
         elif live_bytes < repack_below * pack_sizes[pack]:
             repack.append(pack)
+        else:
+            dead[pack] = pack_sizes[pack] - live_bytes
+    remaining = sum(pack_sizes[p] for p in dead)
+    unused = sum(dead.values())
+    for pack in sorted(dead, key=lambda p: dead[p] / pack_sizes[p], reverse=True):
+        if unused <= max_unused * remaining or not dead[pack]:
+            break
+        repack.append(pack)
+        unused -= dead[pack]
+        remaining -= dead[pack]
     kept = set(present) - set(doomed) - set(repack)
+    result.bytes_unused = sum(length for p in kept for block_id, _, length in present[p] if block_id not in live)
     in_kept = {e[0] for p in kept for e in present[p]}
     result.delete, result.repack = sorted(doomed + orphans), sorted(repack)
     result.packs_deleted, result.packs_repacked, result.packs_orphaned = len(doomed), len(repack), len(orphans)

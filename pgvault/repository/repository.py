@@ -55,6 +55,8 @@ class Repository:
         self.keys = keys
         self.settings = settings
         self._index: Index | None = None
+        # Progress hook: called with the plaintext size of each block read_blocks yields.
+        self.on_read: Callable[[int], None] | None = None
 
     # -- opening ------------------------------------------------------------------------
 
@@ -206,7 +208,10 @@ class Repository:
             data = memoryview(self._get_range(first.pack, first.offset, end - first.offset))
             for i, loc in enumerate(run):
                 start = loc.offset - first.offset
-                yield self._open_block(block_ids[pos + i], data[start : start + loc.length], rehash)
+                block = self._open_block(block_ids[pos + i], data[start : start + loc.length], rehash)
+                if self.on_read is not None:
+                    self.on_read(len(block))
+                yield block
             pos += len(run)
 
     def file_block_ids(self, entry: FileEntry) -> list[bytes]:

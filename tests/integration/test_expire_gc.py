@@ -33,7 +33,9 @@ def state(server: PgServer) -> str:
 def restored_state(vault: Vault, backup_id: str, target: Path, wrap: Callable[..., PgServer]) -> str:
     """Restore to the backup's consistent point only (its content then equals the source's at
     the end of the backup, taken while the source was idle) and read the tables back."""
-    vault.run("restore", f"--pg-data={target}", f"--set={backup_id}", "--type=immediate", "--target-action=promote")
+    proc = vault.run("restore", f"--pg-data={target}", f"--set={backup_id}", "--type=immediate",
+                     "--target-action=promote", "--progress=always")
+    assert "restore [####################] 100%" in proc.stderr, proc.stderr
     server = wrap(target, conf={"archive_mode": "off"})
     server.wait_for_recovery_end()
     result = state(server)

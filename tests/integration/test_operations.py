@@ -27,12 +27,18 @@ def test_check_verify_and_monitoring_info(
     assert [line.split()[0] for line in lines] == ["ok"] * 9, proc.stdout
     assert any("archiving end to end" in line and "reached the repository" in line for line in lines)
 
-    backup_id = vault.run(f"--pg-conninfo={server.conninfo()}", "backup").stdout.strip()
+    vault.run(f"--pg-conninfo={server.conninfo()}", "backup")
+    # Progress: forced on (stderr is a pipe here); the previous backup's size gives the total.
+    proc = vault.run(f"--pg-conninfo={server.conninfo()}", "backup", "--progress=always")
+    backup_id = proc.stdout.strip()
+    assert "backup [" in proc.stderr and "/s" in proc.stderr, proc.stderr
+    assert "backup" not in vault.run("info").stderr  # auto: quiet when stderr is not a terminal
     server.switch_wal_and_wait_archived()
+    assert "verify [" in vault.run("verify", "--progress=always").stderr
     report = json.loads(vault.run("verify", "--output=json").stdout)
     assert report["ok"] and report["mode"] == "full" and report["packs_checked"] == report["packs_used"] > 0
-    (backup,) = report["backups"]
-    assert backup["id"] == backup_id and backup["ok"] and backup["recoverable_to"] >= backup["wal_stop"]
+    backup = report["backups"][-1]
+    assert len(report["backups"]) == 2 and backup["id"] == backup_id and backup["ok"] and backup["recoverable_to"] >= backup["wal_stop"]
 
     info = json.loads(vault.run("info", "--output=json").stdout)[0]
     assert info["last_backup"]["id"] == backup_id and info["last_backup"]["database_size"] > 10_000_000

@@ -188,3 +188,15 @@ def test_gc_on_encrypted_repository() -> None:
     assert gc.collect(repo, None).bytes_freed > 40_000
     assert restore_all(repo) == expected
     assert run_verify(repo).ok
+
+
+def test_max_unused_bounds_the_dead_bytes_left_in_packs() -> None:
+    backend, repo = shared_repository()
+    expire_two(repo)
+    lenient = gc.collect(repo, None, dry_run=True, repack_below=0.0, max_unused=1.0)
+    assert lenient.packs_repacked == 0 and lenient.bytes_unused > 0
+    strict = gc.collect(repo, None, repack_below=0.0, max_unused=0.0)
+    assert strict.packs_repacked > 0 and strict.bytes_unused == 0
+    live = gc.mark(repo)
+    assert all(e[0] in live for entries in repo.pack_indexes().values() for e in entries)
+    assert run_verify(repo).ok
