@@ -7,7 +7,8 @@ Both engines archive the same WAL (one archive_command) and take one full backup
 cluster; then each expires the WAL from before its backup (pgBackRest verifies its whole archive,
 pgvault the WAL from its backups' start on), so both verify one backup and the same WAL. Verify
 runs alternate between engines; medians are reported. Then pgvault takes nine more backups with
-2% churn before each, and `expire --keep-last 9` removes the oldest: time and bytes freed.
+2% churn before each, and `expire --keep-last 9` removes the oldest: time and bytes freed (with
+the default --max-unused 10%, then `gc --max-unused=0` to reclaim every unreferenced byte).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
     vault = PgVault(work, server, args.jobs)
     pgbr = PgBackRest(work, server, args.jobs, args.pgbackrest)
     server.init(archive_command=f"{vault.archive_command()} && {pgbr.archive_command()}",
-                extra_conf={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
+                extra_conf={"max_wal_size": "1GB", "checkpoint_timeout": "30min"})
     server.start()
     out: dict[str, object] = {}
     samples: dict[str, list[float]] = {}
@@ -95,6 +96,11 @@ def main() -> None:
         out["expire_one_of_ten"] = {"wall": s.wall, "cpu": s.cpu, "rss_mb": s.rss_mb,
                                     "repo_mib_before": before / 2**20, "repo_mib_after": after / 2**20,
                                     "freed_mib": (before - after) / 2**20, "plan": plan}
+        # Then reclaim every unreferenced byte: what --max-unused=0 costs.
+        s = timed([*vault.base, "gc", "--max-unused=0"])
+        reclaimed = du(vault.repo, skip="wal")
+        out["gc_max_unused_0"] = {"wall": s.wall, "cpu": s.cpu, "rss_mb": s.rss_mb,
+                                  "freed_mib": (after - reclaimed) / 2**20, "repo_mib_after": reclaimed / 2**20}
         check = subprocess.run([*vault.base, "verify"], capture_output=True, text=True)
         out["verify_after_expire_exit"] = check.returncode
     finally:
