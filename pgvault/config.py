@@ -7,6 +7,7 @@ wins over [global]). This is the only module that reads the environment or the f
 from __future__ import annotations
 
 import configparser
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -34,6 +35,34 @@ def _choice(name: str, *choices: str) -> Callable[[str], str]:
         if text not in choices:
             raise ConfigError(f"option {name}: {text!r} is not one of {', '.join(choices)}")
         return text
+
+    return parse
+
+
+def _percent(name: str, zero: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.rstrip("%"))
+        except ValueError:
+            raise ConfigError(f"option {name}: {text!r} is not a percentage") from None
+        if not (0 <= value if zero else 0 < value) or value > 100:
+            raise ConfigError(f"option {name}: {value} is out of range ({'0' if zero else 'above 0'} to 100)")
+        return value
+
+    return parse
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(name: str) -> Callable[[str], int]:
+    """'7d', '12h', '1d12h', '90m' -> seconds."""
+
+    def parse(text: str) -> int:
+        match = re.fullmatch(r"(?:\d+[smhdw])+", text.strip())
+        if not match:
+            raise ConfigError(f"option {name}: {text!r} is not a duration (like 7d, 12h, 1w, 1d12h)")
+        return sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", text))
 
     return parse
 
@@ -88,6 +117,19 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("archive-async", "wal-push/wal-fetch through a spool dir and a background worker", _bool, False, flag=True),
     OptionSpec("spool-path", "spool directory for --archive-async", default="/var/spool/pgvault", metavar="DIR"),
     OptionSpec("archive-get-queue-max", "MiB of WAL wal-fetch prefetches ahead (--archive-async)", _int("archive-get-queue-max", 16, 1 << 20), 256, metavar="MIB"),
+    # Operations (verify, expire, gc, check, pin): docs in README "Operations".
+    OptionSpec("lock-timeout", "seconds to wait for a conflicting repository lock (0: fail at once)", _int("lock-timeout", 0, 86400), 0, metavar="S"),
+    OptionSpec("pack-size", "pack size in MiB for a new repository", _int("pack-size", 1, 1024), 32, metavar="MIB"),
+    OptionSpec("sample", "verify: read this share of packs, chosen at random", _percent("sample"), metavar="PERCENT"),
+    OptionSpec("metadata-only", "verify: check manifests, index and WAL listing; read no pack data", _bool, False, flag=True),
+    OptionSpec("keep-last", "expire: keep the N newest backups", _int("keep-last", 1, 1000000), metavar="N"),
+    OptionSpec("keep-within", "expire: keep backups started within DURATION (7d, 12h)", _duration("keep-within"), metavar="DURATION"),
+    OptionSpec("keep-daily", "expire: keep the newest backup of each of the last N days with backups", _int("keep-daily", 1, 1000000), metavar="N"),
+    OptionSpec("keep-weekly", "expire: keep the newest backup of each of the last N weeks with backups", _int("keep-weekly", 1, 1000000), metavar="N"),
+    OptionSpec("keep-monthly", "expire: keep the newest backup of each of the last N months with backups", _int("keep-monthly", 1, 1000000), metavar="N"),
+    OptionSpec("keep-wal-within", "expire: keep WAL for point-in-time recovery over DURATION only", _duration("keep-wal-within"), metavar="DURATION"),
+    OptionSpec("dry-run", "expire, gc: show what would be removed, remove nothing", _bool, False, flag=True),
+    OptionSpec("max-unused", "expire, gc: repack packs until unreferenced bytes are at most PERCENT of the repository", _percent("max-unused", zero=True), 10.0, metavar="PERCENT"),
 )
 
 
@@ -124,6 +166,21 @@ class Options:
     archive_async: bool
     spool_path: str
     archive_get_queue_max: int
+    lock_timeout: int
+    pack_size: int
+    sample: float | None
+    metadata_only: bool
+    keep_last: int | None
+    keep_within: int | None
+    keep_daily: int | None
+    keep_weekly: int | None
+    keep_monthly: int | None
+    keep_wal_within: int | None
+    dry_run: bool
+    max_unused: float
+    # Options given explicitly (flag, environment or file), for commands whose default differs
+    # from the shared one (verify checks every backup unless --set is given).
+    given: frozenset[str] = frozenset()
 
     def require_stanza(self) -> str:
         if not self.stanza:
@@ -172,6 +229,7 @@ def resolve(command: str, args: tuple[str, ...], cli: Mapping[str, Any], environ
     stanza = cli.get("stanza") or environ.get("PGVAULT_STANZA")
     file_values = _read_file(config_path or DEFAULT_CONFIG, stanza, explicit)
     values: dict[str, Any] = {}
+    given: set[str] = set()
     for spec in OPTIONS:
         attr = spec.name.replace("-", "_")
         raw: Any = cli.get(spec.name)
@@ -183,6 +241,8 @@ def resolve(command: str, args: tuple[str, ...], cli: Mapping[str, Any], environ
             raw = file_values.get(spec.name)
             if raw is not None and spec.multi:
                 raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if raw is not None:
+            given.add(spec.name)
         if raw is None:
             value = spec.default
         elif spec.multi:
@@ -196,7 +256,7 @@ def resolve(command: str, args: tuple[str, ...], cli: Mapping[str, Any], environ
         values[attr] = value
     values["config"] = config_path or DEFAULT_CONFIG
     values["passphrase"] = _passphrase(values["passphrase_file"], environ)
-    return Options(command=command, args=args, **values)
+    return Options(command=command, args=args, given=frozenset(given), **values)
 
 
 def _passphrase(path: str | None, environ: Mapping[str, str]) -> bytes | None:

@@ -18,6 +18,12 @@ COMMAND_HELP: dict[str, tuple[str, list[str]]] = {
     "wal-push": ("archive one WAL file (archive_command)", ["wal_path"]),
     "wal-fetch": ("fetch one WAL file (restore_command)", ["wal_name", "destination"]),
     "info": ("show stanzas, backups and the WAL archive", []),
+    "verify": ("check that backups and their WAL are complete and intact", []),
+    "expire": ("remove backups and WAL outside the retention rules, then collect garbage", []),
+    "gc": ("delete or repack packs that no backup references", []),
+    "check": ("check configuration, repository, server and WAL archiving end to end", []),
+    "pin": ("keep a backup (--set ID) whatever the retention rules say", []),
+    "unpin": ("let expire remove a pinned backup again", []),
 }
 
 
@@ -52,7 +58,8 @@ def _backup(opts: Options) -> int:
 def _restore(opts: Options) -> int:
     from pgvault.ops.restore import restore
 
-    result = restore(opts)
+    with _shared_lock(opts, "restore"):
+        result = restore(opts)
     if opts.output == "json":
         _print_json({
             "backup": result.backup_id, "pg_data": result.pg_data, "files": result.files, "bytes": result.bytes,
@@ -91,6 +98,95 @@ def _info(opts: Options) -> int:
     return 0
 
 
+def _shared_lock(opts: Options, command: str) -> Any:
+    """A shared repository lock around a command whose ops module does not take one itself
+    (restore): garbage collection must not delete packs while it reads them."""
+    import contextlib
+    import logging
+
+    from pgvault.errors import BackendError
+    from pgvault.ops.common import open_repository
+    from pgvault.repository import locks
+
+    repo = open_repository(opts)
+    try:
+        return locks.hold(repo, locks.LockRequest(command), opts.lock_timeout)
+    except (OSError, BackendError) as exc:  # a read-only repository (a mount, read-only credentials)
+        logging.getLogger(__name__).warning("cannot write a lock into the repository (%s): %s without a lock", exc, command)
+        return contextlib.nullcontext()
+
+
+def _verify(opts: Options) -> int:
+    from pgvault.ops.verify import render_text, verify
+
+    report = verify(opts)
+    if opts.output == "json":
+        _print_json(report.as_dict())
+    else:
+        print(render_text(report))
+    error = report.error()
+    if error is not None:
+        raise error
+    return 0
+
+
+def _expire(opts: Options) -> int:
+    from pgvault.ops.expire import expire
+
+    result = expire(opts)
+    if opts.output == "json":
+        _print_json(result.as_dict())
+        return 0
+    verb = "would " if result.dry_run else ""
+    for backup_id, reasons in sorted(result.kept.items()):
+        print(f"keep    {backup_id}  ({', '.join(reasons)})")
+    for backup_id in result.expired:
+        print(f"expire  {backup_id}")
+    if result.wal_deleted:
+        print(f"wal: {verb}remove {len(result.wal_deleted)} files ({result.wal_deleted[0]} .. {result.wal_deleted[-1]})")
+    if result.gc is not None:
+        print(_gc_line(result.gc.as_dict()))
+    return 0
+
+
+def _gc_line(gc: dict[str, Any]) -> str:
+    verb = "would free" if gc["dry_run"] else "freed"
+    return (
+        f"gc: {gc['packs_deleted']} packs deleted, {gc['packs_repacked']} repacked into {gc['packs_written']}, "
+        f"{gc['packs_orphaned']} orphans; {verb} {gc['bytes_freed'] / 2**20:.1f} MiB, "
+        f"{gc['bytes_unused'] / 2**20:.1f} MiB unused left in mostly-live packs"
+    )
+
+
+def _gc(opts: Options) -> int:
+    from pgvault.ops.expire import gc
+
+    result = gc(opts).as_dict()
+    if opts.output == "json":
+        _print_json(result)
+    else:
+        print(_gc_line(result))
+    return 0
+
+
+def _check(opts: Options) -> int:
+    from pgvault.ops.check import check, render_text
+
+    result = check(opts)
+    if opts.output == "json":
+        _print_json([line.as_dict() for line in result.lines])
+    else:
+        print(render_text(result))
+    return result.exit_code
+
+
+def _pin(opts: Options) -> int:
+    from pgvault.ops.expire import pin
+
+    print(f"backup {pin(opts, on=opts.command == 'pin')} {'pinned' if opts.command == 'pin' else 'unpinned'}")
+    return 0
+
+
 RUNNERS = {
     "stanza-create": _stanza_create,
     "backup": _backup,
@@ -98,6 +194,12 @@ RUNNERS = {
     "wal-push": _wal_push,
     "wal-fetch": _wal_fetch,
     "info": _info,
+    "verify": _verify,
+    "expire": _expire,
+    "gc": _gc,
+    "check": _check,
+    "pin": _pin,
+    "unpin": _pin,
 }
 
 

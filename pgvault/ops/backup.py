@@ -34,10 +34,11 @@ from pgvault.pg.replication import (
 from pgvault.pg.tarstream import TarMember, TarStream
 from pgvault.pipeline.codecs import codec_by_name
 from pgvault.pipeline.pool import OrderedPool
-from pgvault.repository import incremental
+from pgvault.progress import Progress, progress
+from pgvault.repository import incremental, locks
 from pgvault.repository.blockstore import BlockStore, FileBuilder
 from pgvault.repository.manifest import FileEntry, Manifest, Tablespace
-from pgvault.repository.repository import Repository
+from pgvault.repository.repository import Repository, StanzaInfo
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ def _stream(
     label: str,
     verify: bool,
     parent: Parent | None,
+    bar: Progress,
 ) -> Stream:
     out = Stream()
     tar: TarStream | None = None
@@ -188,6 +190,7 @@ def _stream(
         if isinstance(event, ArchiveData):
             assert tar is not None
             tar.feed(event.data)
+            bar.add(len(event.data))
         elif isinstance(event, ArchiveStart):
             assert out.start is not None
             sink = ArchiveSink(store, event.tablespace_oid, out.files, out.start.lsn if verify else None, parent)
@@ -221,6 +224,23 @@ def backup(opts: Options) -> BackupResult:
     annotations = _parse_annotations(opts.annotation)
     repo = open_repository(opts)
     info = repo.stanza_info(stanza)
+    # Shared with other backups, restores and verifies; exclusive against GC (which must not
+    # delete blocks this backup dedups against) and against another backup of this stanza.
+    # Taken before the index is loaded, so GC cannot change it between load and use.
+    lock = locks.hold(repo, locks.LockRequest("backup", stanza=stanza), opts.lock_timeout)
+    try:
+        return _backup(opts, stanza, kind, annotations, repo, info, lock)
+    finally:
+        lock.release()
+
+
+def _backup(
+    opts: Options, stanza: str, kind: str, annotations: dict[str, str], repo: Repository, info: StanzaInfo,
+    lock: locks.RepositoryLock,
+) -> BackupResult:
+    bar = progress(opts.progress, "backup", 0)
+    if bar.enabled:
+        bar.total = _size_estimate(repo, stanza)
     conn = ReplicationConnection(opts.pg_conninfo)
     try:
         ident = conn.identify_system()
@@ -241,7 +261,7 @@ def backup(opts: Options) -> BackupResult:
                 if parent is not None:
                     assert parent.manifest.server_manifest is not None
                     conn.upload_manifest(_read_file(repo, parent.manifest.server_manifest))
-                stream = _stream(conn, store, label, verify, parent)
+                stream = _stream(conn, store, label, verify, parent, bar)
             except PostgresError as exc:
                 if parent is None or store.blocks_total:
                     raise
@@ -250,10 +270,11 @@ def backup(opts: Options) -> BackupResult:
                 parent = None
                 conn.close()
                 conn = ReplicationConnection(opts.pg_conninfo)
-                stream = _stream(conn, store, label, verify, None)
+                stream = _stream(conn, store, label, verify, None, bar)
             store.finish()
     finally:
         conn.close()
+        bar.close()
     if stream.start is None or stream.end is None:
         raise WalError("the server did not report the backup's start and stop positions")
     needed = wal.segments_between(stream.start.tli, stream.start.lsn, stream.end.lsn, info.wal_segment_size)
@@ -287,6 +308,7 @@ def backup(opts: Options) -> BackupResult:
         pgvault_version=__version__,
         next_xid=_next_xid(repo, files),
     )
+    lock.ensure_held()
     repo.save_manifest(manifest)
     failures = sum(len(f.checksum_failures or ()) for f in files)
     if failures:
@@ -305,6 +327,12 @@ def _next_xid(repo: Repository, files: list[FileEntry]) -> int | None:
         if entry.tablespace is None and entry.path == "global/pg_control":
             return control.next_xid(_read_file(repo, entry))
     return None
+
+
+def _size_estimate(repo: Repository, stanza: str) -> int:
+    """The last backup's size: the progress display's total (BASE_BACKUP runs without PROGRESS)."""
+    backups = repo.list_backups(stanza)
+    return repo.load_manifest(stanza, backups[-1]).database_size if backups else 0
 
 
 def _read_file(repo: Repository, entry: FileEntry) -> bytes:

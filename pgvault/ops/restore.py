@@ -21,6 +21,7 @@ from pgvault.errors import ConfigError, RestoreTargetError
 from pgvault.ops import delta, targets
 from pgvault.ops.common import open_repository
 from pgvault.pg import recovery
+from pgvault.progress import progress
 from pgvault.repository.manifest import FileEntry, Manifest
 from pgvault.repository.repository import Repository
 
@@ -186,6 +187,8 @@ def restore(opts: Options) -> RestoreResult:
     # Everything is validated before the first byte is written.
     manifest, lineage = targets.choose(repo, stanza, target, opts.set)
     targets.check_archive(repo, stanza, manifest, lineage, target)
+    bar = progress(opts.progress, "restore", sum(f.size for f in manifest.files if f.type == "f"))
+    repo.on_read = bar.add if bar.enabled else None
     ts_targets = _tablespace_targets(manifest, opts)
     settings = recovery_settings(opts, stanza, target)
     for oid, ts_dir in ts_targets.items():
@@ -202,6 +205,7 @@ def restore(opts: Options) -> RestoreResult:
 
     try:
         written, compared, count = _materialize(repo, manifest, pg_data, ts_targets, opts.jobs, delta_mode)
+        bar.close()
         recovery.write(pg_data, settings)
         # pg_control last: until it is in place PostgreSQL refuses to start this directory,
         # so an interrupted restore can never be started as if it were complete.

@@ -10,7 +10,6 @@ from pgvault.config import Options
 from pgvault.ops.common import check_cluster
 from pgvault.pg.replication import ReplicationConnection
 from pgvault.repository.repository import (
-    DEFAULT_PACK_SIZE,
     Repository,
     RepoSettings,
     StanzaInfo,
@@ -26,7 +25,7 @@ class StanzaResult:
 def stanza_create(opts: Options) -> StanzaResult:
     stanza = opts.require_stanza()
     backend = open_backend(opts.require_repo())
-    repo = Repository.create(backend, opts.passphrase, RepoSettings(opts.block_size * 1024, DEFAULT_PACK_SIZE))
+    repo = Repository.create(backend, opts.passphrase, RepoSettings(opts.block_size * 1024, opts.pack_size * 1024 * 1024))
     with ReplicationConnection(opts.pg_conninfo) as conn:
         ident = conn.identify_system()
         info = StanzaInfo(

@@ -33,6 +33,8 @@ class Kind(IntEnum):
     STANZA = 5
     PACK_TRAILER = 6
     LOCK = 7
+    REPORT = 8
+    PIN = 9
 
 
 def seal(

@@ -45,3 +45,23 @@ def wal_key(stanza: str, name: str) -> str:
     (timeline + log id) so a timeline's range lists cheaply; .history files sit together."""
     group = "history" if name.endswith(".history") else name[:16]
     return f"{wal_prefix(stanza)}{group}/{name}"
+
+
+LOCK_PREFIX = "locks/"
+
+
+def lock_key(name: str) -> str:
+    return f"{LOCK_PREFIX}{name}"
+
+
+def pin_prefix(stanza: str) -> str:
+    return f"stanzas/{stanza}/pins/"
+
+
+def pin_key(stanza: str, backup_id: str) -> str:
+    return f"{pin_prefix(stanza)}{backup_id}.pin"
+
+
+def verify_key(stanza: str) -> str:
+    """The result of the last verify of a stanza (overwritten by each run)."""
+    return f"stanzas/{stanza}/verify"

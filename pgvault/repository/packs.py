@@ -5,12 +5,14 @@
 
 The trailer makes each pack self-describing, so the index can always be rebuilt from packs.
 Order of writes: pack, then its index object, then (much later) the manifest that uses it.
+Each flushed pack is immediately usable by later backups (resume after a kill).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import time
 
 from pgvault.backends.base import Backend
 from pgvault.pipeline import codecs, envelope
@@ -20,6 +22,9 @@ from pgvault.repository.index import Index, encode_entries
 
 PACK_MAGIC = b"PGVP"
 TAIL = struct.Struct("<I4s")
+# A pack is flushed when full or when its first block is this old, so that a backup killed on a
+# slow link loses at most this much work: the rerun finds every flushed block and skips it.
+MAX_AGE = 60.0
 
 
 def new_pack_name() -> str:
@@ -32,11 +37,13 @@ class PackWriter:
     Not thread-safe: one writer per backup, fed from the thread that orders results.
     """
 
-    def __init__(self, backend: Backend, keys: Keys, index: Index, target_size: int) -> None:
+    def __init__(self, backend: Backend, keys: Keys, index: Index, target_size: int, max_age: float = MAX_AGE) -> None:
         self._backend = backend
         self._keys = keys
         self._index = index
         self._target = target_size
+        self._max_age = max_age
+        self._opened = 0.0
         self._buffer = bytearray()
         self._entries: list[tuple[bytes, int, int]] = []
         self._pending: set[bytes] = set()
@@ -49,10 +56,12 @@ class PackWriter:
     def add(self, block_id: bytes, sealed: bytes) -> None:
         if self.has(block_id):
             return
+        if not self._entries:
+            self._opened = time.monotonic()
         self._entries.append((block_id, len(self._buffer), len(sealed)))
         self._buffer += sealed
         self._pending.add(block_id)
-        if len(self._buffer) >= self._target:
+        if len(self._buffer) >= self._target or time.monotonic() - self._opened >= self._max_age:
             self.flush()
 
     def flush(self) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from pgvault.backends.base import Backend, ObjectNotFound
 from pgvault.errors import (
     ConfigError,
     IntegrityError,
     NotFoundError,
+    PgvaultError,
     RepositoryError,
     WalError,
     WalNotFoundError,
@@ -54,6 +55,8 @@ class Repository:
         self.keys = keys
         self.settings = settings
         self._index: Index | None = None
+        # Progress hook: called with the plaintext size of each block read_blocks yields.
+        self.on_read: Callable[[int], None] | None = None
 
     # -- opening ------------------------------------------------------------------------
 
@@ -205,7 +208,10 @@ class Repository:
             data = memoryview(self._get_range(first.pack, first.offset, end - first.offset))
             for i, loc in enumerate(run):
                 start = loc.offset - first.offset
-                yield self._open_block(block_ids[pos + i], data[start : start + loc.length], rehash)
+                block = self._open_block(block_ids[pos + i], data[start : start + loc.length], rehash)
+                if self.on_read is not None:
+                    self.on_read(len(block))
+                yield block
             pos += len(run)
 
     def file_block_ids(self, entry: FileEntry) -> list[bytes]:
@@ -247,6 +253,59 @@ class Repository:
 
     def list_wal(self, stanza: str) -> list[str]:
         return [info.key.rsplit("/", 1)[1] for info in self.backend.list(layout.wal_prefix(stanza))]
+
+    def delete_wal(self, stanza: str, name: str) -> None:
+        self.backend.delete(layout.wal_key(stanza, name))
+
+    # -- operations: per-pack index, small sealed JSON objects (locks, pins, reports) ------
+
+    def pack_indexes(
+        self, on_error: Callable[[str, PgvaultError], None] | None = None
+    ) -> dict[str, list[tuple[bytes, int, int]]]:
+        """Every index object as pack name -> entries, and the merged index rebuilt from them
+        (verify and GC need both, and each index object is then read once). on_error: report
+        an unreadable index object and go on (verify) instead of raising (GC)."""
+        packs: dict[str, list[tuple[bytes, int, int]]] = {}
+        index = Index()
+        for info in self.backend.list("index/"):
+            try:
+                pack, entries = decode_entries(self._get_sealed(Kind.INDEX, info.key))
+            except ObjectNotFound:
+                continue  # deleted since the listing
+            except PgvaultError as exc:
+                if on_error is None:
+                    raise
+                on_error(info.key, exc)
+                continue
+            packs[pack] = entries
+            index.add_pack(pack, entries)
+        self._index = index
+        return packs
+
+    def forget_index(self) -> None:
+        """Drop the cached index, so the next use reloads it from the backend."""
+        self._index = None
+
+    def put_json(self, kind: Kind, key: str, doc: dict[str, Any], *, if_absent: bool = False) -> bool:
+        sealed = self._seal(kind, key, json.dumps(doc, sort_keys=True).encode())
+        if if_absent:
+            return self.backend.put_if_absent(key, sealed)
+        self.backend.put(key, sealed)
+        return True
+
+    def get_json(self, kind: Kind, key: str) -> dict[str, Any]:
+        """ObjectNotFound if absent; IntegrityError if it does not open."""
+        try:
+            doc = json.loads(self._get_sealed(kind, key))
+        except ValueError:
+            raise IntegrityError(f"object {key} is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise IntegrityError(f"object {key} is not a JSON object")
+        return doc
+
+    def delete_backup(self, stanza: str, backup_id: str) -> None:
+        """Remove a backup's manifest: the backup is gone; GC later frees its blocks."""
+        self.backend.delete(layout.manifest_key(stanza, backup_id))
 
 
 def _now() -> str:

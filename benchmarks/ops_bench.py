@@ -1,0 +1,127 @@
+"""Operations benchmark: verify against pgBackRest's verify on the same data, and expire + GC of
+one backup among ten. Run as an unprivileged user (PostgreSQL refuses root):
+
+    python -m benchmarks.ops_bench --pg 15 --scale 100 --rounds 3 --pgbackrest /opt/pgbackrest-build/src/pgbackrest
+
+Both engines archive the same WAL (one archive_command) and take one full backup of the loaded
+cluster; then each expires the WAL from before its backup (pgBackRest verifies its whole archive,
+pgvault the WAL from its backups' start on), so both verify one backup and the same WAL. Verify
+runs alternate between engines; medians are reported. Then pgvault takes nine more backups with
+2% churn before each, and `expire --keep-last 9` removes the oldest: time and bytes freed (with
+the default --max-unused 10%, then `gc --max-unused=0` to reclaim every unreferenced byte).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench import PgBackRest, PgVault, churn, du, timed  # noqa: E402
+from tests.support.pgserver import PgServer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pg", type=int, default=15)
+    parser.add_argument("--scale", type=int, default=100)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backups", type=int, default=10)
+    parser.add_argument("--pgbackrest", default="/usr/bin/pgbackrest")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="pgvault-opsbench-", dir="/var/tmp"))
+    server = PgServer(args.pg, work / "cluster")
+    vault = PgVault(work, server, args.jobs)
+    pgbr = PgBackRest(work, server, args.jobs, args.pgbackrest)
+    server.init(archive_command=f"{vault.archive_command()} && {pgbr.archive_command()}",
+                extra_conf={"max_wal_size": "1GB", "checkpoint_timeout": "30min"})
+    server.start()
+    out: dict[str, object] = {}
+    samples: dict[str, list[float]] = {}
+    try:
+        server.pgbench("-i", "-s", str(args.scale), "-q")
+        server.psql("checkpoint;")
+        db_mib = int(server.psql("select sum(pg_database_size(oid)) from pg_database")) / 2**20
+        vault.setup()
+        pgbr.setup()
+        server.switch_wal_and_wait_archived(timeout=1800)
+        vault.backup("full")
+        pgbr.backup("full")
+        server.switch_wal_and_wait_archived()
+        run([*vault.base, "expire", "--keep-last=1"])
+        run([*pgbr.base(), "expire", "--repo1-retention-full=1"])
+        out["pgvault_wal_segments"] = len([p for p in (vault.repo / "stanzas" / "bench" / "wal").rglob("*")
+                                           if p.is_file() and len(p.name) == 24])
+        out["pgbackrest_wal_segments"] = len([p for p in (pgbr.repo / "archive").rglob("*")
+                                              if p.is_file() and len(p.name.split("-")[0]) == 24])
+        for rnd in range(args.rounds):
+            order = ["pgvault", "pgbackrest"] if rnd % 2 == 0 else ["pgbackrest", "pgvault"]
+            for engine in order:
+                if engine == "pgvault":
+                    s = timed([*vault.base, "verify"])
+                else:
+                    s = timed([*pgbr.base(), "verify"])
+                samples.setdefault(f"{engine}_verify_wall", []).append(s.wall)
+                samples.setdefault(f"{engine}_verify_cpu", []).append(s.cpu)
+                samples.setdefault(f"{engine}_verify_rss_mb", []).append(s.rss_mb)
+            for mode in ("--sample=5", "--metadata-only"):
+                s = timed([*vault.base, "verify", mode])
+                samples.setdefault(f"pgvault_verify{mode.split('=')[0].replace('--', '_')}_wall", []).append(s.wall)
+
+        # expire + GC of one backup among ten
+        for i in range(args.backups - 1):
+            churn(server, args.scale, 0.02, seed=100 + i)
+            server.psql("checkpoint;")
+            vault.backup("full")
+        server.switch_wal_and_wait_archived()
+        before = du(vault.repo, skip="wal")
+        keep = f"--keep-last={args.backups - 1}"
+        plan = json.loads(subprocess.run([*vault.base, "expire", keep, "--dry-run", "--output=json"],
+                                         capture_output=True, text=True, check=True).stdout)
+        s = timed([*vault.base, "expire", keep])
+        after = du(vault.repo, skip="wal")
+        out["expire_one_of_ten"] = {"wall": s.wall, "cpu": s.cpu, "rss_mb": s.rss_mb,
+                                    "repo_mib_before": before / 2**20, "repo_mib_after": after / 2**20,
+                                    "freed_mib": (before - after) / 2**20, "plan": plan}
+        # Then reclaim every unreferenced byte: what --max-unused=0 costs.
+        s = timed([*vault.base, "gc", "--max-unused=0"])
+        reclaimed = du(vault.repo, skip="wal")
+        out["gc_max_unused_0"] = {"wall": s.wall, "cpu": s.cpu, "rss_mb": s.rss_mb,
+                                  "freed_mib": (after - reclaimed) / 2**20, "repo_mib_after": reclaimed / 2**20}
+        check = subprocess.run([*vault.base, "verify"], capture_output=True, text=True)
+        out["verify_after_expire_exit"] = check.returncode
+    finally:
+        server.cleanup()
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    out.update({
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "pg": args.pg, "scale": args.scale, "db_mib": round(db_mib), "jobs": args.jobs, "rounds": args.rounds,
+        "pgbackrest": pgbr.version, "command": " ".join(sys.argv), "medians": medians, "raw": samples,
+    })
+    print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}\n{proc.stdout}")
+
+
+if __name__ == "__main__":
+    main()

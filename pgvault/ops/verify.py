@@ -1,0 +1,496 @@
+"""verify: can every backup still be restored, and how far can it recover?
+
+Per backup: the manifest opens; every block it needs (block lists included) is in the index and
+in a pack that exists; in a full run each such block is read, authenticated and re-hashed (its id
+is the keyed BLAKE3 of its content, so this proves the content, not just the envelope); the WAL
+from its start to its stop is archived (else it cannot be restored consistently), and the WAL
+from there to the end of the archive along its timeline path has no gap (else point-in-time
+recovery stops at the gap). Each fault names the backup it affects.
+
+Modes: full (read every pack the selected backups use, in ranged reads of up to 4 MiB), sample
+(`--sample PERCENT`: a random share of those packs and WAL segments, as restic's read-data-subset,
+for cheap daily runs), metadata (`--metadata-only`: manifests, index objects, pack sizes and the
+WAL listing; no pack data is read, so blocks inside block lists are not enumerated).
+
+The result is stored in the repository (`stanzas/<s>/verify`) for `info` and monitoring.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgvault.backends.base import ObjectNotFound
+from pgvault.config import Options
+from pgvault.errors import ConfigError, IntegrityError, NotFoundError, PgvaultError, WalError
+from pgvault.ops.common import open_repository
+from pgvault.ops.walcheck import WalArchive, parse_history
+from pgvault.pg import wal
+from pgvault.pipeline import envelope
+from pgvault.pipeline.envelope import Kind
+from pgvault.progress import Progress, progress
+from pgvault.repository import layout, locks
+from pgvault.repository.gc import entry_block_ids
+from pgvault.repository.index import Location, decode_entries
+from pgvault.repository.manifest import FileEntry, Manifest
+from pgvault.repository.packs import PACK_MAGIC, TAIL
+from pgvault.repository.repository import Repository, StanzaInfo
+
+# How many file names a fault lists.
+EXAMPLES = 3
+# Bytes of one pack checked per task (one ranged read).
+RUN_BYTES = 4 * 1024 * 1024
+GAP_BYTES = 64 * 1024
+
+
+@dataclass
+class BackupReport:
+    stanza: str
+    backup_id: str
+    faults: list[str] = field(default_factory=list)
+    files: int = 0
+    blocks: int = 0
+    wal_start: str | None = None
+    wal_stop: str | None = None
+    recoverable_to: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stanza": self.stanza,
+            "id": self.backup_id,
+            "ok": self.ok,
+            "faults": self.faults,
+            "files": self.files,
+            "blocks": self.blocks,
+            "wal_start": self.wal_start,
+            "wal_stop": self.wal_stop,
+            "recoverable_to": self.recoverable_to,
+        }
+
+
+@dataclass
+class VerifyReport:
+    mode: str
+    sample_percent: float | None
+    backups: list[BackupReport] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # not tied to one backup
+    damaged: bool = False  # a fault other than missing WAL
+    packs_checked: int = 0
+    packs_used: int = 0
+    blocks_checked: int = 0
+    wal_checked: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    time: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults and all(b.ok for b in self.backups)
+
+    def as_dict(self, stanza: str | None = None) -> dict[str, Any]:
+        backups = [b for b in self.backups if stanza is None or b.stanza == stanza]
+        return {
+            "time": self.time,
+            "mode": self.mode,
+            "sample_percent": self.sample_percent,
+            "ok": not self.faults and all(b.ok for b in backups),
+            "faults": self.faults,
+            "backups": [b.as_dict() for b in backups],
+            "packs_checked": self.packs_checked,
+            "packs_used": self.packs_used,
+            "blocks_checked": self.blocks_checked,
+            "wal_checked": self.wal_checked,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def error(self) -> PgvaultError | None:
+        """The error verify exits with: integrity (5) for damage, WAL (9) when only WAL is missing."""
+        if self.ok:
+            return None
+        bad = sorted({b.backup_id for b in self.backups if not b.ok})
+        count = len(self.faults) + sum(len(b.faults) for b in self.backups)
+        what = f"{count} faults" + (f" affecting backups {', '.join(bad)}" if bad else "")
+        if self.damaged:
+            return IntegrityError(f"verify found {what}")
+        return WalError(f"verify found {what}")
+
+
+def verify(opts: Options) -> VerifyReport:
+    if opts.metadata_only and opts.sample is not None:
+        raise ConfigError("verify takes --metadata-only or --sample, not both")
+    set_id = opts.set if "set" in opts.given else None
+    if set_id is not None and not opts.stanza:
+        raise ConfigError("verify --set needs --stanza")
+    mode = "metadata" if opts.metadata_only else "sample" if opts.sample is not None and opts.sample < 100 else "full"
+    repo = open_repository(opts)
+    stanzas = [opts.stanza] if opts.stanza else repo.stanzas()
+    infos = [repo.stanza_info(s) for s in stanzas]
+    with locks.hold(repo, locks.LockRequest("verify"), opts.lock_timeout):
+        report = VerifyReport(mode, opts.sample if mode == "sample" else None)
+        started = time.monotonic()
+        Verifier(repo, report, opts.jobs, opts.progress).run(infos, set_id)
+        report.seconds = time.monotonic() - started
+        report.time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for info in infos:
+            doc = report.as_dict(info.stanza)
+            doc["set"] = set_id
+            repo.put_json(Kind.REPORT, layout.verify_key(info.stanza), doc)
+    return report
+
+
+def last_result(repo: Repository, stanza: str) -> dict[str, Any] | None:
+    """The stored result of the last verify of a stanza, or None."""
+    try:
+        return repo.get_json(Kind.REPORT, layout.verify_key(stanza))
+    except ObjectNotFound:
+        return None
+
+
+class Verifier:
+    def __init__(self, repo: Repository, report: VerifyReport, jobs: int, progress_mode: str) -> None:
+        self.repo = repo
+        self.report = report
+        self.jobs = jobs
+        self.progress_mode = progress_mode
+        self.full = report.mode != "metadata"
+        # block id -> bit mask of the backups (indexes into report.backups) that need it
+        self.refs: dict[bytes, int] = defaultdict(int)
+        self.manifests: dict[int, Manifest] = {}
+        # per backup: fault message -> (count, bad block ids)
+        self.block_faults: dict[int, dict[str, list[bytes]]] = defaultdict(lambda: defaultdict(list))
+        self.wal_reads: dict[tuple[str, str], int] = defaultdict(int)  # (stanza, segment) -> mask
+
+    def run(self, infos: list[StanzaInfo], set_id: str | None) -> None:
+        packs = self.repo.pack_indexes(on_error=self._bad_index)
+        for info in infos:
+            ids = self.repo.list_backups(info.stanza)
+            if set_id is not None:
+                wanted = ids[-1] if set_id == "latest" and ids else set_id
+                if wanted not in ids:
+                    raise NotFoundError(f"backup {set_id} not found in stanza {info.stanza}")
+                ids = [wanted]
+            first = len(self.report.backups)
+            for backup_id in ids:
+                self._load(info.stanza, backup_id)
+            self._check_wal(info, range(first, len(self.report.backups)))
+        self._check_blocks(packs)
+        self._read_wal()
+        self._summarize_block_faults()
+
+    def _bad_index(self, key: str, exc: PgvaultError) -> None:
+        self.report.damaged = True
+        self.report.faults.append(f"index object {key} is unreadable ({exc}): the blocks of its pack look missing")
+
+    # -- manifests and block references ----------------------------------------------------
+
+    def _load(self, stanza: str, backup_id: str) -> None:
+        rep = BackupReport(stanza, backup_id)
+        self.report.backups.append(rep)
+        number = len(self.report.backups) - 1
+        try:
+            manifest = self.repo.load_manifest(stanza, backup_id)
+        except PgvaultError as exc:
+            self.report.damaged = True
+            rep.faults.append(f"manifest is unreadable: {exc}")
+            return
+        self.manifests[number] = manifest
+        rep.wal_start, rep.wal_stop = manifest.start_wal, manifest.stop_wal
+        bit = 1 << number
+        for entry in _entries(manifest):
+            rep.files += entry.type == "f"
+            for block_id in self._entry_ids(rep, entry):
+                self.refs[block_id] |= bit
+                rep.blocks += 1
+
+    def _entry_ids(self, rep: BackupReport, entry: FileEntry) -> list[bytes]:
+        if not self.full:
+            ids = [bytes.fromhex(b) for b in entry.blocks or ()]
+            return ids + ([bytes.fromhex(entry.blocklist)] if entry.blocklist else [])
+        try:
+            return entry_block_ids(self.repo, entry)
+        except PgvaultError as exc:
+            self.report.damaged = True
+            rep.faults.append(f"block list of {entry.path} is unreadable: {exc}")
+            return [bytes.fromhex(entry.blocklist)] if entry.blocklist else []
+
+    def _fault(self, mask: int, message: str, block_id: bytes) -> None:
+        self.report.damaged = True
+        number = 0
+        while mask:
+            if mask & 1:
+                self.block_faults[number][message].append(block_id)
+            mask >>= 1
+            number += 1
+
+    def _summarize_block_faults(self) -> None:
+        for number, faults in sorted(self.block_faults.items()):
+            rep = self.report.backups[number]
+            for message, ids in faults.items():
+                files = self._files_with(number, set(ids))
+                where = f"; files {', '.join(files)}" if files else ""
+                rep.faults.append(f"{message} ({len(ids)} blocks{where})")
+
+    def _files_with(self, number: int, bad: set[bytes]) -> list[str]:
+        """The first few files of a backup that use one of the bad blocks."""
+        out: list[str] = []
+        for entry in _entries(self.manifests[number]):
+            try:
+                ids = entry_block_ids(self.repo, entry)
+            except PgvaultError:
+                ids = [bytes.fromhex(entry.blocklist)] if entry.blocklist else []
+            if bad.intersection(ids):
+                out.append(entry.path)
+                if len(out) == EXAMPLES:
+                    break
+        return out
+
+    # -- packs -------------------------------------------------------------------------------
+
+    def _check_blocks(self, packs: dict[str, list[tuple[bytes, int, int]]]) -> None:
+        index = self.repo.index
+        sizes = {info.key.rsplit("/", 1)[1]: info.size for info in self.repo.backend.list("packs/")}
+        by_pack: dict[str, list[tuple[bytes, Location]]] = defaultdict(list)
+        for block_id, mask in self.refs.items():
+            loc = index.get(block_id)
+            if loc is None:
+                self._fault(mask, "blocks missing from the repository index", block_id)
+            else:
+                by_pack[loc.pack].append((block_id, loc))
+        self.report.packs_used = len(by_pack)
+        to_read = []
+        for pack, blocks in sorted(by_pack.items()):
+            if pack not in sizes:
+                for block_id, _ in blocks:
+                    self._fault(self.refs[block_id], f"pack {pack} is missing", block_id)
+            elif max(loc.offset + loc.length for _, loc in blocks) > sizes[pack]:
+                for block_id, _ in blocks:
+                    self._fault(self.refs[block_id], f"pack {pack} is truncated", block_id)
+            else:
+                to_read.append(pack)
+        # A pack the index lists must exist even when no selected backup uses it: the next
+        # backup would reference its blocks (dedup trusts the index).
+        for pack, entries in sorted(packs.items()):
+            if pack not in by_pack and (pack not in sizes or max(o + n for _, o, n in entries) > sizes[pack]):
+                self.report.damaged = True
+                state = "missing" if pack not in sizes else "truncated"
+                self.report.faults.append(
+                    f"pack {pack} is {state} but the index lists its {len(entries)} blocks: "
+                    "new backups could reference them (run 'pgvault gc' to drop its index object if no backup needs it)"
+                )
+        if not self.full:
+            return
+        if self.report.mode == "sample" and to_read:
+            assert self.report.sample_percent is not None
+            count = max(1, math.ceil(len(to_read) * self.report.sample_percent / 100))
+            to_read = sorted(random.sample(to_read, count))
+        # Tasks of at most RUN_BYTES of one pack each (one ranged read), so both workers stay
+        # busy even when a backup's data sits in a handful of 32 MiB packs; plus one trailer
+        # check per pack.
+        tasks: list[tuple[str, list[tuple[bytes, Location]] | None]] = []
+        for pack in to_read:
+            tasks.append((pack, None))
+            tasks.extend((pack, run) for run in _runs(by_pack[pack]))
+        bar = progress(self.progress_mode, "verify", sum(sizes[p] for p in to_read))
+        with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="pgvault-verify") as pool:
+            results = pool.map(lambda t: self._check_task(t[0], t[1], packs.get(t[0], []), sizes[t[0]], bar), tasks)
+            for (pack, run), (faults, size) in zip(tasks, results):
+                if run is None:
+                    self.report.packs_checked += 1
+                else:
+                    self.report.blocks_checked += len(run)
+                self.report.bytes_read += size
+                for block_id, message in faults:
+                    if block_id is None:
+                        self.report.damaged = True
+                        self.report.faults.append(message)
+                    else:
+                        self._fault(self.refs[block_id], message, block_id)
+        bar.close()
+
+    def _check_task(
+        self, pack: str, run: list[tuple[bytes, Location]] | None, indexed: list[tuple[bytes, int, int]],
+        size: int, bar: Progress,
+    ) -> tuple[list[tuple[bytes | None, str]], int]:
+        if run is None:
+            fault, read = _trailer_fault(self.repo, pack, size, indexed)
+            return ([(None, fault)] if fault else []), read
+        return self._check_run(pack, run, bar)
+
+    def _check_run(self, pack: str, run: list[tuple[bytes, Location]], bar: Progress) -> tuple[list[tuple[bytes | None, str]], int]:
+        """One ranged read; authenticate and re-hash the blocks backups use from it."""
+        keys = self.repo.keys
+        start = run[0][1].offset
+        end = max(loc.offset + loc.length for _, loc in run)
+        try:
+            data = memoryview(self.repo.backend.get_range(layout.pack_key(pack), start, end - start))
+        except ObjectNotFound:
+            return [(block_id, f"pack {pack} is missing") for block_id, _ in run], 0
+        faults: list[tuple[bytes | None, str]] = []
+        for block_id, loc in run:
+            sealed = data[loc.offset - start : loc.offset - start + loc.length]
+            if len(sealed) != loc.length:
+                faults.append((block_id, f"pack {pack} is truncated"))
+                continue
+            try:
+                plain = envelope.open_(keys, sealed, block_id, Kind.BLOCK)
+            except IntegrityError as exc:
+                faults.append((block_id, f"blocks in pack {pack} fail authentication ({exc})"))
+                continue
+            if keys.block_id(plain) != block_id:
+                faults.append((block_id, f"blocks in pack {pack} do not match their ids"))
+        bar.add(len(data))
+        return faults, len(data)
+
+    # -- WAL ---------------------------------------------------------------------------------
+
+    def _check_wal(self, info: StanzaInfo, numbers: range) -> None:
+        names = self.repo.list_wal(info.stanza)
+        histories: dict[int, list[tuple[int, int]]] = {}
+        for name in names:
+            if name.endswith(".history"):
+                try:
+                    histories[int(name[:8], 16)] = parse_history(self.repo.get_wal(info.stanza, name).decode())
+                except (PgvaultError, ValueError) as exc:
+                    self.report.faults.append(f"stanza {info.stanza}: timeline history {name} is unreadable ({exc})")
+        archive = WalArchive(names, histories, info.wal_segment_size)
+        for number in numbers:
+            manifest = self.manifests.get(number)
+            if manifest is None:
+                continue
+            rep = self.report.backups[number]
+            tli, lo = wal.parse_segment_name(manifest.start_wal, info.wal_segment_size)
+            _, hi = wal.parse_segment_name(manifest.stop_wal, info.wal_segment_size)
+            needed = [n for n in range(lo, hi + 1) if not archive.has(tli, n)]
+            if needed:
+                rep.faults.append(
+                    f"WAL {archive.name(tli, needed[0])} is missing ({len(needed)} of the segments from start to stop): "
+                    "the backup cannot be restored to a consistent state"
+                )
+            path = archive.recovery_path(tli, wal.parse_lsn(manifest.start_lsn))
+            gaps = [(t, n) for t, n in archive.missing(path) if not (t == tli and lo <= n <= hi)]
+            if gaps:
+                rep.faults.append(
+                    f"WAL {archive.name(*gaps[0])} is missing ({len(gaps)} segments missing after the stop): "
+                    "point-in-time recovery from this backup stops before it"
+                )
+            rep.recoverable_to = _reachable_end(archive, path) if not needed else None
+            bit = 1 << number
+            for span in path:
+                for n in range(span.lo, span.hi + 1):
+                    if archive.has(span.tli, n):
+                        self.wal_reads[(info.stanza, archive.name(span.tli, n))] |= bit
+
+    def _read_wal(self) -> None:
+        """Open (authenticate, decompress) the WAL segments the selected backups use."""
+        if not self.full:
+            return
+        wanted = sorted(self.wal_reads)
+        if self.report.mode == "sample" and wanted:
+            assert self.report.sample_percent is not None
+            wanted = sorted(random.sample(wanted, max(1, math.ceil(len(wanted) * self.report.sample_percent / 100))))
+
+        def check(item: tuple[str, str]) -> str | None:
+            try:
+                self.repo.get_wal(*item)
+            except PgvaultError as exc:
+                return f"WAL {item[1]} is unreadable ({exc})"
+            return None
+
+        with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="pgvault-verify") as pool:
+            for item, problem in zip(wanted, pool.map(check, wanted)):
+                self.report.wal_checked += 1
+                if problem is None:
+                    continue
+                self.report.damaged = True
+                mask, number = self.wal_reads[item], 0
+                while mask:
+                    if mask & 1:
+                        self.report.backups[number].faults.append(problem)
+                    mask >>= 1
+                    number += 1
+
+
+def _entries(manifest: Manifest) -> list[FileEntry]:
+    return [*manifest.files, *([manifest.server_manifest] if manifest.server_manifest else [])]
+
+
+def _reachable_end(archive: WalArchive, path: list[Any]) -> str | None:
+    """The last segment recovery reaches along path before the first gap."""
+    last = None
+    for span in path:
+        for n in range(span.lo, span.hi + 1):
+            if not archive.has(span.tli, n):
+                return last
+            last = archive.name(span.tli, n)
+    return last
+
+
+def _runs(blocks: list[tuple[bytes, Location]]) -> list[list[tuple[bytes, Location]]]:
+    """Blocks of one pack in offset order, cut into runs spanning at most RUN_BYTES, and where
+    unused blocks leave a gap of more than GAP_BYTES (not worth reading through)."""
+    runs: list[list[tuple[bytes, Location]]] = []
+    for item in sorted(blocks, key=lambda b: b[1].offset):
+        loc = item[1]
+        if (runs and loc.offset + loc.length - runs[-1][0][1].offset <= RUN_BYTES
+                and loc.offset - (runs[-1][-1][1].offset + runs[-1][-1][1].length) <= GAP_BYTES):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _trailer_fault(repo: Repository, pack: str, size: int, indexed: list[tuple[bytes, int, int]]) -> tuple[str | None, int]:
+    """A pack's trailer must open and list what its index object lists (the index can be rebuilt
+    from trailers only if they are right). Returns the fault, if any, and the bytes read."""
+    key = layout.pack_key(pack)
+    read = 0
+    try:
+        if size < TAIL.size:
+            raise IntegrityError("too short")
+        tail = repo.backend.get_range(key, size - TAIL.size, TAIL.size)
+        read += len(tail)
+        length, magic = TAIL.unpack(tail)
+        if magic != PACK_MAGIC or length > size - TAIL.size:
+            raise IntegrityError("bad tail")
+        trailer = repo.backend.get_range(key, size - TAIL.size - length, length)
+        read += len(trailer)
+        name, entries = decode_entries(envelope.open_(repo.keys, trailer, pack.encode(), Kind.PACK_TRAILER))
+    except ObjectNotFound:
+        return None, read  # reported per block
+    except (IntegrityError, struct.error) as exc:
+        return f"pack {pack}: trailer is unreadable ({exc})", read
+    if name != pack or Counter(map(tuple, entries)) != Counter(map(tuple, indexed)):
+        return f"pack {pack}: trailer does not match its index object", read
+    return None, read
+
+
+def render_text(report: VerifyReport) -> str:
+    if report.mode == "sample":
+        scope = f"{report.sample_percent:g}% of packs read"
+    else:
+        scope = "every pack read" if report.mode == "full" else "metadata only"
+    lines = [
+        f"verify ({scope}): {len(report.backups)} backups, {report.packs_checked} of {report.packs_used} packs, "
+        f"{report.blocks_checked} blocks, {report.wal_checked} WAL segments, "
+        f"{report.bytes_read / 2**20:.1f} MiB read in {report.seconds:.1f}s"
+    ]
+    for b in report.backups:
+        if b.ok:
+            reach = f", recoverable to {b.recoverable_to}" if b.recoverable_to else ""
+            lines.append(f"ok     {b.stanza}/{b.backup_id}: {b.files} files, {b.blocks} blocks, WAL {b.wal_start}..{b.wal_stop}{reach}")
+        for fault in b.faults:
+            lines.append(f"FAULT  {b.stanza}/{b.backup_id}: {fault}")
+    for fault in report.faults:
+        lines.append(f"FAULT  repository: {fault}")
+    return "\n".join(lines)
