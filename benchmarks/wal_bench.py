@@ -182,7 +182,7 @@ def main() -> None:
                     # restore_command inherits the config file: one with the async queue on.
                     conf = work / "pgbackrest-async.conf"
                     conf.write_text(engine.conf.read_text().replace(
-                        "[global]\n", f"[global]\narchive-async=y\narchive-get-queue-max=256MiB\n", 1
+                        "[global]\n", "[global]\narchive-async=y\narchive-get-queue-max=256MiB\n", 1
                     ).replace(f"spool-path={work / 'pgbr-spool'}", f"spool-path={spool}"))
                     run([engine.exe, f"--config={conf}", "--stanza=bench", "restore", f"--pg1-path={target}"])
                 record(engine.name, "recovery_wall_s", recover(args.pg, target, work))
