@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgvault.pg import wal
+from pgvault.pg import timeline, wal
 
 
 @dataclass(frozen=True)
@@ -27,16 +27,7 @@ class Span:
 
 def parse_history(text: str) -> list[tuple[int, int]]:
     """A timeline history file: (parent timeline, switch LSN) for each ancestor, oldest first."""
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split()
-        if len(fields) < 2:
-            raise ValueError(f"malformed timeline history line {line!r}")
-        out.append((int(fields[0]), wal.parse_lsn(fields[1])))
-    return out
+    return [(switch.tli, switch.end_lsn) for switch in timeline.parse_history(text)]
 
 
 class WalArchive:
