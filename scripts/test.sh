@@ -50,6 +50,8 @@ set +e
     TMPDIR=/tmp \
     PGVAULT_PG_CACHE="$PGVAULT_PG_CACHE" \
     PGVAULT_REQUIRE_PG=1 \
+    PGVAULT_REQUIRE_EMULATORS=1 \
+    PGVAULT_AZURITE_DIR="${PGVAULT_AZURITE_DIR:-$([ "$(id -u)" -eq 0 ] && echo /opt/pgvault-azurite || echo "$HOME/.cache/pgvault/azurite")}" \
     PGVAULT_HYPOTHESIS_DIR="$STATE/hypothesis" \
     "$VENV/bin/python" -m pytest -p no:cacheprovider --basetemp="$STATE/basetemp" "$@"
 rc=$?

@@ -22,6 +22,7 @@ if str(_ROOT) not in sys.path:  # plain `pytest` (unlike `python -m pytest`) omi
     sys.path.insert(0, str(_ROOT))
 
 from tests.support.pgserver import ConfValue, PgServer, PgServerFactory, stop_all  # noqa: E402
+from tests.support.emulators import azure_cloud_session, cloud, gcs_cloud_session, s3_cloud_session  # noqa: E402,F401
 
 DEFAULT_PG_VERSIONS = "14,15,16,17,18"
 

@@ -7,8 +7,8 @@ the user-facing NotFoundError) so callers can tell "absent" from "broken".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Protocol
 
 from pgvault.errors import BackendError, NotFoundError
 
@@ -37,6 +37,24 @@ class Properties:
     connections: int
     # A local path a key maps to, when the backend is a filesystem (for tests and fsck).
     local: bool
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What an object-store backend needs beyond its URL (from the repo-* options).
+
+    Credentials normally come from each SDK's own environment and config files; only the
+    Azure variables, which its SDK does not read itself, arrive here (never shown).
+    """
+
+    endpoint: str | None = None
+    region: str | None = None
+    s3_path_style: bool = False
+    storage_class: str | None = None
+    s3_sse_kms_key_id: str | None = None
+    # Seconds the retry wrapper keeps trying one operation before giving up.
+    retry_timeout: float = 180.0
+    azure_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 class Backend(Protocol):

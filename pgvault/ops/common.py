@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from pgvault.backends.base import Backend, BackendSettings
 from pgvault.backends.registry import open_backend
 from pgvault.config import Options
 from pgvault.errors import ClusterMismatchError
 from pgvault.repository.repository import Repository, StanzaInfo
 
 
+def open_repository_backend(opts: Options) -> Backend:
+    settings = BackendSettings(
+        endpoint=opts.repo_endpoint,
+        region=opts.repo_region,
+        s3_path_style=opts.repo_s3_path_style,
+        storage_class=opts.repo_storage_class,
+        s3_sse_kms_key_id=opts.repo_s3_sse_kms_key_id,
+        retry_timeout=opts.repo_retry_timeout,
+        azure_env=opts.azure_env,
+    )
+    return open_backend(opts.require_repo(), settings)
+
+
 def open_repository(opts: Options) -> Repository:
-    return Repository.open(open_backend(opts.require_repo()), opts.passphrase)
+    return Repository.open(open_repository_backend(opts), opts.passphrase)
 
 
 def check_cluster(info: StanzaInfo, system_id: str, pg_version: int) -> None:

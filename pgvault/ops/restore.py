@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgvault.config import Options
+from pgvault.config import Options, repo_option_args
 from pgvault.durable import fsync_dir
 from pgvault.errors import ConfigError, RestoreTargetError
 from pgvault.ops import delta, targets
@@ -94,6 +94,7 @@ def restore_command(opts: Options, stanza: str) -> str:
         parts.append(f"--config={shlex.quote(str(Path(opts.config).resolve()))}")
     parts.append(f"--stanza={shlex.quote(stanza)}")
     parts.append(f"--repo={shlex.quote(opts.require_repo())}")
+    parts.extend(shlex.quote(arg) for arg in repo_option_args(opts))
     if opts.passphrase_file:
         parts.append(f"--passphrase-file={shlex.quote(str(Path(opts.passphrase_file).resolve()))}")
     if opts.archive_async:

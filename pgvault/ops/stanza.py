@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pgvault.backends.registry import open_backend
 from pgvault.config import Options
-from pgvault.ops.common import check_cluster
+from pgvault.ops.common import check_cluster, open_repository_backend
 from pgvault.pg.replication import ReplicationConnection
 from pgvault.repository.repository import (
     Repository,
@@ -24,7 +23,7 @@ class StanzaResult:
 
 def stanza_create(opts: Options) -> StanzaResult:
     stanza = opts.require_stanza()
-    backend = open_backend(opts.require_repo())
+    backend = open_repository_backend(opts)
     repo = Repository.create(backend, opts.passphrase, RepoSettings(opts.block_size * 1024, opts.pack_size * 1024 * 1024))
     with ReplicationConnection(opts.pg_conninfo) as conn:
         ident = conn.identify_system()
