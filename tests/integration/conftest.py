@@ -22,12 +22,13 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 class Vault:
     """How tests call pgvault: always the real CLI in a subprocess, as PostgreSQL would."""
 
-    repo: Path
+    repo: Path | str  # a directory, or a URL such as s3://bucket/prefix
     stanza: str = "main"
     passphrase_file: Path | None = None
+    extra_args: tuple[str, ...] = ()  # e.g. --repo-endpoint for an object store
 
     def base_args(self) -> list[str]:
-        args = [f"--stanza={self.stanza}", f"--repo={self.repo}"]
+        args = [f"--stanza={self.stanza}", f"--repo={self.repo}", *self.extra_args]
         if self.passphrase_file:
             args.append(f"--passphrase-file={self.passphrase_file}")
         return args
@@ -54,13 +55,15 @@ class Vault:
 
 @pytest.fixture
 def make_vault(tmp_path: Path) -> Callable[..., Vault]:
-    def make(encrypted: bool = False, stanza: str = "main", repo: Path | None = None) -> Vault:
+    def make(
+        encrypted: bool = False, stanza: str = "main", repo: Path | str | None = None, extra_args: tuple[str, ...] = ()
+    ) -> Vault:
         passfile = None
         if encrypted:
             passfile = tmp_path / f"passphrase-{stanza}"
             passfile.write_text(PASSPHRASE + "\n")
             passfile.chmod(0o600)
-        return Vault(repo=repo or tmp_path / "repo", stanza=stanza, passphrase_file=passfile)
+        return Vault(repo=repo or tmp_path / "repo", stanza=stanza, passphrase_file=passfile, extra_args=extra_args)
 
     return make
 
