@@ -20,6 +20,7 @@ import pytest
 
 from tests.integration.conftest import Vault, archived_cluster
 from tests.support.emulators import Cloud, apply_env
+from tests.support.faultproxy import FaultProxy, Rule
 from tests.support.pgserver import PgServer
 
 pytestmark = pytest.mark.integration
@@ -137,3 +138,56 @@ def test_missing_bucket_and_bad_credentials_fail_fast(
         proc = make_vault(repo=cloud.url(cloud.new_bucket())).run("info", check=False)
         assert proc.returncode == 3, proc.stderr
         assert "rejected the credentials" in proc.stderr and "Xby8" not in proc.stderr
+
+
+def test_backup_through_faults_on_s3(
+    one_pg_major: int,
+    s3_cloud_session: Cloud,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_vault: Callable[..., Vault],
+    pg_server_factory: Callable[..., PgServer],
+    pg_wrap_factory: Callable[..., PgServer],
+) -> None:
+    """Every pgvault process talks to S3 through a proxy that throttles and resets.
+
+    Persistent failures of pack uploads make the backup fail cleanly (exit 12, no manifest,
+    no index entry without its pack); intermittent ones are retried into a good backup that
+    restores, while the same proxy throttles the restore's ranged reads and wal-fetch.
+    """
+    apply_env(monkeypatch, s3_cloud_session)
+    proxy = FaultProxy(upstream_port=s3_cloud_session.emulator.port)
+    try:
+        bucket = s3_cloud_session.new_bucket()
+        vault = make_vault(repo=f"s3://{bucket}/repo", extra_args=(f"--repo-endpoint={proxy.url}", "--repo-s3-path-style", "--repo-retry-timeout=5"))
+        source = archived_cluster(pg_server_factory, one_pg_major, vault)
+        source.pgbench("-i", "-s", "3", "-q")
+        direct = s3_cloud_session.backend(bucket, "repo/")
+
+        proxy.rules = [Rule("drop", match=lambda r: "/packs/" in r.path and r.method == "PUT", times=None)]
+        failed = vault.run(f"--pg-conninfo={source.conninfo()}", "backup", check=False)
+        assert failed.returncode == 12, failed.stderr
+        assert "still failing after" in failed.stderr
+        keys = [o.key for o in direct.list("")]
+        assert not [k for k in keys if k.endswith(".manifest")]
+        packs = {k.rsplit("/", 1)[1] for k in keys if k.startswith("packs/")}
+        assert {k.rsplit("/", 1)[1] for k in keys if k.startswith("index/")} <= packs
+
+        proxy.rules = [
+            Rule("throttle", times=None, every=4),
+            Rule("drop", match=lambda r: "/packs/" in r.path and r.length > (1 << 20), times=2),
+        ]
+        backup_id = vault.run(f"--pg-conninfo={source.conninfo()}", "backup").stdout.strip()
+        assert proxy.rules[0].fired > 3 and proxy.rules[1].fired == 2
+        source.psql("create table after_backup as select 1 as one;")
+        source.switch_wal_and_wait_archived()
+        expected = digest(source, "pgbench_accounts")
+
+        restored_dir = tmp_path / "restored"
+        vault.run("restore", f"--pg-data={restored_dir}", f"--set={backup_id}")
+        restored = pg_wrap_factory(restored_dir, conf={"archive_mode": "off"})
+        restored.wait_for_recovery_end()
+        assert digest(restored, "pgbench_accounts") == expected
+        assert restored.psql("select one from after_backup") == "1"
+    finally:
+        proxy.close()
