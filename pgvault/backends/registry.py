@@ -2,7 +2,7 @@
 
 Factories import their SDK inside the function, so `pgvault wal-push` to a filesystem
 repository never pays for boto3 or the Azure/GCS SDKs. Every object-store backend is
-wrapped in the retry wrapper here, so no caller can forget it.
+wrapped in the retry and read-ahead wrappers here, so no caller can forget them.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ def split_bucket_url(url: str) -> tuple[str, str]:
 
 
 def _retrying(backend: Backend, settings: BackendSettings) -> Backend:
+    """Object stores: retries around every request, read-ahead around small ranged reads."""
+    from pgvault.backends.readahead import ReadAheadBackend
     from pgvault.backends.retry import RetryingBackend
 
-    return RetryingBackend(backend, settings.retry_timeout)
+    return ReadAheadBackend(RetryingBackend(backend, settings.retry_timeout))
 
 
 def _s3(url: str, settings: BackendSettings) -> Backend:

@@ -18,6 +18,7 @@ import pytest
 from pgvault.backends.base import Backend, ObjectInfo, ObjectNotFound
 from pgvault.backends.fs import FsBackend
 from pgvault.backends.memory import MemoryBackend
+from pgvault.backends.readahead import ReadAheadBackend
 from pgvault.backends.retry import RetryingBackend
 from pgvault.errors import NotFoundError
 from tests.support.emulators import Cloud, apply_env
@@ -33,16 +34,19 @@ LARGE = 9 << 20
 
 
 def make_cloud_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, kind: str) -> Backend:
+    """Wrapped as the registry wraps it (read-ahead over retry over the SDK backend)."""
     cloud: Cloud = request.getfixturevalue(f"{kind}_cloud_session")
     apply_env(monkeypatch, cloud)
     inner = cloud.backend(cloud.new_bucket(), "some/prefix/", **SMALL_PARTS[kind])
-    return RetryingBackend(inner, timeout=30)
+    return ReadAheadBackend(RetryingBackend(inner, timeout=30), window=1 << 20)
 
 
-@pytest.fixture(params=["memory", "fs", "s3", "gcs", "azure"])
+@pytest.fixture(params=["memory", "readahead", "fs", "s3", "gcs", "azure"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
     if request.param == "memory":
         yield MemoryBackend()
+    elif request.param == "readahead":
+        yield ReadAheadBackend(MemoryBackend(), window=64, windows=3)
     elif request.param == "fs":
         yield FsBackend(tmp_path / "repo")
     else:
@@ -160,6 +164,17 @@ def test_keys_stay_under_the_prefix(backend: Backend) -> None:
     backend.put("config", b"c")
     backend.put("wal/main/000000010000000000000001", b"w")
     assert [o.key for o in backend.list("")] == ["config", "wal/main/000000010000000000000001"]
+
+
+def test_small_ranges_after_replacement_see_new_bytes(backend: Backend) -> None:
+    """Read-ahead must never serve bytes of an object that has since been replaced."""
+    backend.put("obj", b"a" * 1000)
+    assert backend.get_range("obj", 10, 5) == b"aaaaa"
+    backend.put("obj", b"b" * 1000)
+    assert backend.get_range("obj", 10, 5) == b"bbbbb"
+    backend.delete("obj")
+    with pytest.raises(ObjectNotFound):
+        backend.get_range("obj", 10, 5)
 
 
 def test_fs_leaves_no_temp_files(tmp_path: Path) -> None:

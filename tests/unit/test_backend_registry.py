@@ -12,6 +12,7 @@ import pytest
 
 from pgvault.backends.base import BackendSettings
 from pgvault.backends.registry import open_backend, split_bucket_url
+from pgvault.backends.readahead import ReadAheadBackend
 from pgvault.backends.retry import RetryingBackend
 from pgvault.config import repo_option_args, resolve
 from pgvault.errors import ConfigError
@@ -67,7 +68,8 @@ def test_bad_bucket_urls(url: str) -> None:
 
 def test_cloud_backends_come_wrapped_in_retry() -> None:
     backend = open_backend("s3://bucket/prefix", BackendSettings(endpoint="http://127.0.0.1:9", retry_timeout=7))
-    assert isinstance(backend, RetryingBackend) and backend.timeout == 7
+    assert isinstance(backend, ReadAheadBackend)
+    assert isinstance(backend.inner, RetryingBackend) and backend.inner.timeout == 7
     assert backend.describe() == "s3://bucket/prefix/ at http://127.0.0.1:9"
 
 
