@@ -23,13 +23,13 @@ import json
 import os
 import platform
 import re
+import select
 import shutil
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
-import select
-import socket
-import ssl
 import tempfile
 import threading
 import time

@@ -32,6 +32,14 @@ _TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
     "InternalError", "ServiceUnavailable", "ConditionalRequestConflict", "OperationAborted",
 }
+# Connection refused/reset, timeouts, truncated bodies: worth another try.
+_CONNECTION_ERRORS = (
+    botocore.exceptions.ConnectionError,  # incl. EndpointConnectionError, ConnectTimeoutError
+    botocore.exceptions.HTTPClientError,  # incl. ConnectionClosedError, ReadTimeoutError
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    OSError,
+)
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
 
 
@@ -113,7 +121,7 @@ class S3Backend:
             ) from None
         if isinstance(exc, botocore.exceptions.ProfileNotFound):
             raise ConfigError(f"AWS profile not found: {exc}") from None
-        if isinstance(exc, botocore.exceptions.HTTPClientError | botocore.exceptions.ResponseStreamingError | OSError):
+        if isinstance(exc, _CONNECTION_ERRORS):
             raise TransientBackendError(f"S3 connection failed on {key}: {type(exc).__name__}") from exc
         raise BackendError(f"S3 request for {key} in {self.describe()} failed: {exc}") from exc
 

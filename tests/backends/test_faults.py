@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from pgvault.backends.base import Backend, ObjectInfo, Properties, TransientBackendError
+from pgvault.backends.base import ObjectInfo, Properties, TransientBackendError
 from pgvault.backends.memory import MemoryBackend
 from pgvault.backends.retry import RetryingBackend
 from pgvault.errors import BackendError, ConfigError

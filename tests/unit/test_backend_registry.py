@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pgvault.backends.base import BackendSettings
-from pgvault.backends.registry import open_backend, split_bucket_url
 from pgvault.backends.readahead import ReadAheadBackend
+from pgvault.backends.registry import open_backend, split_bucket_url
 from pgvault.backends.retry import RetryingBackend
 from pgvault.config import repo_option_args, resolve
 from pgvault.errors import ConfigError
