@@ -56,8 +56,10 @@ class RetryingBackend:
                 return fn()
             except TransientBackendError as exc:
                 attempt += 1
-                delay = random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
-                if self._clock() + delay >= deadline:
+                remaining = deadline - self._clock()
+                # The last sleep is cut short so one more try lands at the deadline.
+                delay = min(remaining, random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt)))
+                if remaining <= 0:
                     raise BackendError(
                         f"{what} on {self.describe()} still failing after {attempt} attempts "
                         f"over {self.timeout:g} s: {exc.message} (check the network and endpoint, "
