@@ -30,14 +30,15 @@ def digest(server: PgServer, table: str) -> str:
     return server.psql(f"select count(*) || ':' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from {table} t")
 
 
-def cloud_vault(cloud: Cloud, make_vault: Callable[..., Vault], monkeypatch: pytest.MonkeyPatch) -> Vault:
+def cloud_vault(
+    cloud: Cloud, make_vault: Callable[..., Vault], monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...] = ()
+) -> Vault:
     bucket = cloud.new_bucket()
-    extra: tuple[str, ...] = ()
     if cloud.scheme == "s3":
         # Endpoint, region and addressing as pgvault options instead of AWS_ENDPOINT_URL.
         monkeypatch.delenv("AWS_ENDPOINT_URL")
         monkeypatch.delenv("AWS_DEFAULT_REGION")
-        extra = (f"--repo-endpoint={cloud.emulator.url}", "--repo-region=us-east-1", "--repo-s3-path-style")
+        extra += (f"--repo-endpoint={cloud.emulator.url}", "--repo-region=us-east-1", "--repo-s3-path-style")
     return make_vault(encrypted=True, repo=cloud.url(bucket, "backups/pg"), extra_args=extra)
 
 
@@ -99,8 +100,12 @@ def test_backup_and_pitr_on_each_cloud(
     pg_server_factory: Callable[..., PgServer],
     pg_wrap_factory: Callable[..., PgServer],
 ) -> None:
-    vault = cloud_vault(cloud, make_vault, monkeypatch)
+    """--archive-async here (background pusher and prefetcher on the cloud backend); the
+    synchronous commands run in the every-major S3 test and the fault test."""
+    async_args = ("--archive-async", f"--spool-path={tmp_path / 'spool'}")
+    vault = cloud_vault(cloud, make_vault, monkeypatch, async_args)
     backup_and_pitr(one_pg_major, vault, tmp_path, pg_server_factory, pg_wrap_factory)
+    assert "--archive-async" in (tmp_path / "restored" / "postgresql.auto.conf").read_text()
 
 
 def test_backup_and_pitr_on_s3_every_major(
