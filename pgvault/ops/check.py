@@ -17,10 +17,9 @@ from typing import Any, Callable
 import psycopg
 
 from pgvault.backends.base import Backend, ObjectNotFound
-from pgvault.backends.registry import open_backend
 from pgvault.config import Options
 from pgvault.errors import ConfigError, PgvaultError, PostgresError, RepositoryError, WalError
-from pgvault.ops.common import check_cluster
+from pgvault.ops.common import check_cluster, open_repository_backend
 from pgvault.pg.replication import ReplicationConnection, SystemIdentity
 from pgvault.repository import layout
 from pgvault.repository.repository import Repository, StanzaInfo
@@ -71,7 +70,7 @@ def check(opts: Options) -> Checker:
         return f"stanza {state['stanza']}, repository {state['repo_url']} ({source})"
 
     def reachable() -> str:
-        backend = open_backend(state["repo_url"])
+        backend = open_repository_backend(opts)
         try:
             backend.get(layout.CONFIG)
         except ObjectNotFound:

@@ -2,7 +2,8 @@
 
 A real cluster archives WAL through archive_command into the bucket, a backup goes there,
 and a point-in-time restore comes back from it: restore_command (written by pgvault
-restore) fetches the WAL from the bucket while PostgreSQL replays up to a timestamp.
+restore) fetches the WAL from the bucket while PostgreSQL replays up to a timestamp. Then
+check, a second backup, expire (with its garbage collection) and verify run on the same bucket.
 Credentials and endpoints reach every pgvault process the way a user would give them: the
 SDKs' standard environment (inherited by PostgreSQL, hence by archive/restore_command),
 and for S3 the explicit --repo-endpoint/--repo-region/--repo-s3-path-style options, which
@@ -89,6 +90,13 @@ def backup_and_pitr(
         assert digest(restored, table) == value, table
     restored.run_bin("pg_amcheck", "--all", "--install-missing", "-h", str(restored.socket_dir),
                      "-p", str(restored.port), "-U", "postgres")
+
+    # The operational commands on the same repository: check, verify, expire with its GC.
+    vault.run(f"--pg-conninfo={source.conninfo()}", "check")
+    second = vault.run(f"--pg-conninfo={source.conninfo()}", "backup").stdout.strip()
+    vault.run("expire", "--keep-last=1")
+    assert [b["id"] for b in json.loads(vault.run("info", "--output=json").stdout)[0]["backups"]] == [second]
+    vault.run("verify")
 
 
 def test_backup_and_pitr_on_each_cloud(
