@@ -18,45 +18,49 @@ import sys
 _TRUE = ("1", "y", "yes", "true", "on")
 
 
-def _settled(args: list[str]) -> bool:
-    """True if this wal-push/wal-fetch call was answered from the spool."""
+def _settled(args: list[str]) -> int | None:
+    """The exit code if this wal-push/wal-fetch call was answered from the spool, else None."""
     options: dict[str, str] = {}
     words: list[str] = []
     for arg in args:
         if arg.startswith("--"):
             name, eq, value = arg[2:].partition("=")
             if not eq and name != "archive-async":
-                return False  # '--name value' needs the real parser
+                return None  # '--name value' needs the real parser
             options[name] = value if eq else "y"
         else:
             words.append(arg)
     if not words or words[0] not in ("wal-push", "wal-fetch"):
-        return False
+        return None
     command, positionals = words[0], words[1:]
 
     def option(name: str) -> str | None:
         return options.get(name) or os.environ.get("PGVAULT_" + name.upper().replace("-", "_"))
 
     if (option("archive-async") or "").lower() not in _TRUE:
-        return False
+        return None
     spool, stanza = option("spool-path"), option("stanza")
     if not spool or not stanza or "/" in stanza or stanza.startswith("."):
-        return False
+        return None
     if command == "wal-push" and len(positionals) == 1:
         name = os.path.basename(positionals[0])
-        return os.path.exists(os.path.join(spool, stanza, "push", name + ".ok"))
-    if command == "wal-fetch" and len(positionals) == 2:
-        from pgvault.ops.fetch_queue import deliver_if_queued
+        return 0 if os.path.exists(os.path.join(spool, stanza, "push", name + ".ok")) else None
+    if command == "wal-fetch" and len(positionals) == 2 and "/" not in positionals[0]:
+        from pgvault.ops.fetch_queue import fetch_fast
 
-        return deliver_if_queued(os.path.join(spool, stanza, "fetch"), positionals[0], positionals[1], fast=True)
-    return False
+        code = fetch_fast(os.path.join(spool, stanza, "fetch"), positionals[0], positionals[1])
+        if code == 1:
+            sys.stderr.write(f"pgvault: wal-fetch: WAL file {positionals[0]} is not in the repository\n")
+        return code
+    return None
 
 
 def main() -> int:
     args = sys.argv[1:]
     try:
-        if _settled(args):
-            return 0
+        code = _settled(args)
+        if code is not None:
+            return code
     except OSError:
         pass  # the normal path reports it properly
     if sys.flags.no_site:
