@@ -127,6 +127,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("lock-timeout", "seconds to wait for a conflicting repository lock (0: fail at once)", _int("lock-timeout", 0, 86400), 0, metavar="S"),
     OptionSpec("pack-size", "pack size in MiB for a new repository", _int("pack-size", 1, 1024), 32, metavar="MIB"),
     OptionSpec("sample", "verify: read this share of packs, chosen at random", _percent("sample"), metavar="PERCENT"),
+    OptionSpec("rehash", "verify: also decompress every block and re-hash it against its id", _bool, False, flag=True),
     OptionSpec("metadata-only", "verify: check manifests, index and WAL listing; read no pack data", _bool, False, flag=True),
     OptionSpec("keep-last", "expire: keep the N newest backups", _int("keep-last", 1, 1000000), metavar="N"),
     OptionSpec("keep-within", "expire: keep backups started within DURATION (7d, 12h)", _duration("keep-within"), metavar="DURATION"),
@@ -181,6 +182,7 @@ class Options:
     lock_timeout: int
     pack_size: int
     sample: float | None
+    rehash: bool
     metadata_only: bool
     keep_last: int | None
     keep_within: int | None

@@ -57,6 +57,19 @@ def seal(
 
 def open_(keys: Keys, sealed: bytes | memoryview, context: bytes, kind: Kind | None = None) -> bytes:
     """Verify and decode an object made by seal(); IntegrityError on any mismatch."""
+    codec, payload, raw_length = _authenticated_payload(keys, sealed, context, kind)
+    return codecs.decompress(codec, payload, raw_length)
+
+
+def authenticate(keys: Keys, sealed: bytes | memoryview, context: bytes, kind: Kind | None = None) -> None:
+    """Check an object's tag or checksum over its stored bytes without decompressing it
+    (what verify does by default: any change to the stored bytes fails here)."""
+    _authenticated_payload(keys, sealed, context, kind)
+
+
+def _authenticated_payload(
+    keys: Keys, sealed: bytes | memoryview, context: bytes, kind: Kind | None
+) -> tuple[int, bytes | memoryview, int]:
     sealed = memoryview(sealed)
     if len(sealed) < HEADER.size:
         raise IntegrityError("object is truncated")
@@ -85,4 +98,4 @@ def open_(keys: Keys, sealed: bytes | memoryview, context: bytes, kind: Kind | N
             raise IntegrityError("object checksum mismatch (corrupted)")
     else:
         raise IntegrityError(f"object uses unknown key id {key_id}")
-    return codecs.decompress(codec, payload, raw_length)
+    return codec, payload, raw_length

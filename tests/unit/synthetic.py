@@ -85,8 +85,8 @@ def restore_all(repo: Repository) -> dict[tuple[str, str, str], bytes]:
     return out
 
 
-def run_verify(repo: Repository, mode: str = "full", sample: float | None = None) -> VerifyReport:
+def run_verify(repo: Repository, mode: str = "full", sample: float | None = None, rehash: bool = False) -> VerifyReport:
     repo.forget_index()
-    report = VerifyReport(mode, sample)
+    report = VerifyReport(mode, sample, rehash=rehash)
     Verifier(repo, report, 2, "never").run([repo.stanza_info(s) for s in repo.stanzas()], None)
     return report

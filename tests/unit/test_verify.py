@@ -39,9 +39,9 @@ def faults_by_backup(report: object) -> dict[str, list[str]]:
 
 def test_clean_repository_verifies_in_every_mode() -> None:
     _, repo = two_backups()
-    for mode, sample in (("full", None), ("sample", 30.0), ("metadata", None)):
-        report = run_verify(repo, mode, sample)
-        assert report.ok, (mode, report.faults, faults_by_backup(report))
+    for mode, sample, rehash in (("full", None, False), ("full", None, True), ("sample", 30.0, False), ("metadata", None, False)):
+        report = run_verify(repo, mode, sample, rehash)
+        assert report.ok, (mode, rehash, report.faults, faults_by_backup(report))
     full = run_verify(repo)
     assert full.packs_checked == full.packs_used > 0 and full.wal_checked == 4
     assert [b.recoverable_to for b in full.backups] == [wal.segment_name(1, 4, SEG)] * 2
@@ -69,10 +69,11 @@ def test_flipped_byte_is_found_by_rehash_or_authentication() -> None:
     raw = bytearray(backend.get(key))
     raw[loc.offset + 100] ^= 0x01
     backend.put(key, raw)
-    report = run_verify(repo)
-    faults = faults_by_backup(report)
-    assert list(faults) == ["20260101-000000F"], faults
-    assert "fail authentication" in faults["20260101-000000F"][0] and "old" in faults["20260101-000000F"][0]
+    for rehash in (False, True):
+        report = run_verify(repo, rehash=rehash)
+        faults = faults_by_backup(report)
+        assert list(faults) == ["20260101-000000F"], faults
+        assert "fail authentication" in faults["20260101-000000F"][0] and "old" in faults["20260101-000000F"][0]
     # Metadata-only mode reads no pack data, so it cannot see this.
     assert run_verify(repo, "metadata").ok
 
