@@ -108,7 +108,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("output", "output format", _choice("output", "text", "json"), "text"),
     OptionSpec("progress", "progress display", _choice("progress", "auto", "always", "never"), "auto"),
     OptionSpec("archive-timeout", "seconds a backup waits for its WAL to be archived", _int("archive-timeout", 1, 86400), 60, metavar="S"),
-    OptionSpec("block-size", "block size in KiB for a new repository (docs/FORMAT.md §4)", _int("block-size", 8, 16384), 32, metavar="KIB"),
+    OptionSpec("block-size", "block size in KiB for a new repository (docs/FORMAT.md §4)", _int("block-size", 8, 16384), 8, metavar="KIB"),
     OptionSpec("type", "backup: full|incr; restore: default|immediate|time|xid|lsn|name|standby|none", metavar="TYPE"),
     OptionSpec("annotation", "backup annotation KEY=VALUE", multi=True, metavar="K=V"),
     OptionSpec("set", "backup to restore (an id, or latest)", default="latest", metavar="ID"),

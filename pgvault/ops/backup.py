@@ -257,6 +257,8 @@ def _backup(
         label = f"pgvault backup {backup_id}"
         with OrderedPool[Any](opts.jobs, max_inflight=opts.jobs * 8) as pool:
             store = BlockStore(repo, pool, codec_by_name(opts.compress), opts.compress_level)
+            if kind == "incr":
+                store.use_blocklist_bases(parent.manifest if parent else repo.latest_manifest(stanza))
             try:
                 if parent is not None:
                     assert parent.manifest.server_manifest is not None

@@ -220,13 +220,13 @@ class Verifier:
     def _entry_ids(self, rep: BackupReport, entry: FileEntry) -> list[bytes]:
         if not self.full:
             ids = [bytes.fromhex(b) for b in entry.blocks or ()]
-            return ids + ([bytes.fromhex(entry.blocklist)] if entry.blocklist else [])
+            return ids + entry.blocklist_ids()
         try:
             return entry_block_ids(self.repo, entry)
         except PgvaultError as exc:
             self.report.damaged = True
             rep.faults.append(f"block list of {entry.path} is unreadable: {exc}")
-            return [bytes.fromhex(entry.blocklist)] if entry.blocklist else []
+            return entry.blocklist_ids()
 
     def _fault(self, mask: int, message: str, block_id: bytes) -> None:
         self.report.damaged = True
@@ -252,7 +252,7 @@ class Verifier:
             try:
                 ids = entry_block_ids(self.repo, entry)
             except PgvaultError:
-                ids = [bytes.fromhex(entry.blocklist)] if entry.blocklist else []
+                ids = entry.blocklist_ids()
             if bad.intersection(ids):
                 out.append(entry.path)
                 if len(out) == EXAMPLES:
@@ -350,7 +350,7 @@ class Verifier:
                 if not self.report.rehash:
                     envelope.authenticate(keys, sealed, block_id, Kind.BLOCK)
                     continue
-                plain = envelope.open_(keys, sealed, block_id, Kind.BLOCK)
+                plain = envelope.open_(keys, sealed, block_id, Kind.BLOCK, self.repo.dictionary)
             except IntegrityError as exc:
                 faults.append((block_id, f"blocks in pack {pack} fail authentication ({exc})"))
                 continue

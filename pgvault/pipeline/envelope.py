@@ -14,6 +14,7 @@ import struct
 from enum import IntEnum
 
 import xxhash
+import zstandard
 
 from pgvault.errors import IntegrityError
 from pgvault.pipeline import codecs, crypto
@@ -35,6 +36,7 @@ class Kind(IntEnum):
     LOCK = 7
     REPORT = 8
     PIN = 9
+    DICT = 10
 
 
 def seal(
@@ -44,9 +46,10 @@ def seal(
     context: bytes,
     codec: codecs.Codec,
     level: int | None = None,
+    zdict: zstandard.ZstdCompressionDict | None = None,
 ) -> bytes:
-    """Compress, then encrypt or checksum, one object."""
-    used, payload = codecs.compress(codec, plaintext, level)
+    """Compress (with zdict, a repository dictionary, when given), then encrypt or checksum."""
+    used, payload = codecs.compress(codec, plaintext, level, zdict)
     key_id = 1 if keys.encrypted else 0
     header = HEADER.pack(MAGIC, VERSION, kind, used, key_id, len(plaintext))
     if keys.data_key is not None:
@@ -55,10 +58,17 @@ def seal(
     return header + payload + digest
 
 
-def open_(keys: Keys, sealed: bytes | memoryview, context: bytes, kind: Kind | None = None) -> bytes:
-    """Verify and decode an object made by seal(); IntegrityError on any mismatch."""
+def open_(
+    keys: Keys,
+    sealed: bytes | memoryview,
+    context: bytes,
+    kind: Kind | None = None,
+    dicts: codecs.Dictionaries | None = None,
+) -> bytes:
+    """Verify and decode an object made by seal(); IntegrityError on any mismatch.
+    dicts: finds the compression dictionary a ZSTD_DICT object names (blocks only)."""
     codec, payload, raw_length = _authenticated_payload(keys, sealed, context, kind)
-    return codecs.decompress(codec, payload, raw_length)
+    return codecs.decompress(codec, payload, raw_length, dicts)
 
 
 def authenticate(keys: Keys, sealed: bytes | memoryview, context: bytes, kind: Kind | None = None) -> None:

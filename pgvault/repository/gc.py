@@ -83,10 +83,7 @@ class GcResult:
 
 def entry_block_ids(repo: Repository, entry: FileEntry) -> list[bytes]:
     """Every block a file entry needs, the block-list block itself included."""
-    ids = repo.file_block_ids(entry)
-    if entry.blocklist is not None:
-        ids.append(bytes.fromhex(entry.blocklist))
-    return ids
+    return repo.file_block_ids(entry) + entry.blocklist_ids()
 
 
 def mark(repo: Repository, skip: frozenset[tuple[str, str]] = frozenset()) -> set[bytes]:
@@ -177,7 +174,7 @@ def collect(repo: Repository, lock: RepositoryLock | None, *, dry_run: bool = Fa
         for block_id, offset, length in wanted:
             sealed = bytes(data[offset : offset + length])
             try:
-                envelope.open_(repo.keys, sealed, block_id, envelope.Kind.BLOCK)
+                envelope.open_(repo.keys, sealed, block_id, envelope.Kind.BLOCK, repo.dictionary)
             except IntegrityError as exc:
                 raise IntegrityError(
                     f"block {block_id.hex()} in pack {pack} is damaged ({exc}): garbage collection stopped "

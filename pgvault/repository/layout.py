@@ -65,3 +65,12 @@ def pin_key(stanza: str, backup_id: str) -> str:
 def verify_key(stanza: str) -> str:
     """The result of the last verify of a stanza (overwritten by each run)."""
     return f"stanzas/{stanza}/verify"
+
+
+DICT_PREFIX = "dicts/"
+
+
+def dict_key(created: int, dict_id: int) -> str:
+    """A compression dictionary (docs/FORMAT.md §4a): creation time first, so a listing is
+    oldest to newest, then the 32-bit id its zstd frames name."""
+    return f"{DICT_PREFIX}{created:010d}-{dict_id:08x}"

@@ -13,7 +13,9 @@ from typing import Any
 
 from pgvault.errors import IntegrityError
 
-FORMAT_VERSION = 1
+# 2: file entries may carry blocklist_base (a delta block list); readers accept 1 and 2.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # Files with more blocks than this store their block list as a separate blocklist block.
 INLINE_BLOCKS = 4
 
@@ -32,10 +34,18 @@ class FileEntry:
     block_size: int = 0
     blocks: list[str] | None = None  # hex block ids, when inline
     blocklist: str | None = None  # hex id of the block holding the concatenated ids
+    # When set, blocklist holds only the differences from this (plain) block list: see
+    # docs/FORMAT.md §8. Scattered churn rewrites a few blocks of a large file; a delta costs
+    # 36 bytes per changed block instead of 32 bytes per block of the file.
+    blocklist_base: str | None = None
     checksum_failures: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def blocklist_ids(self) -> list[bytes]:
+        """The block-list blocks this entry needs (the list, and its base if it is a delta)."""
+        return [bytes.fromhex(b) for b in (self.blocklist, self.blocklist_base) if b is not None]
 
 
 @dataclass
@@ -89,7 +99,7 @@ class Manifest:
         except ValueError:
             raise IntegrityError("manifest is not valid JSON") from None
         version = doc.pop("format", None)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise IntegrityError(f"manifest format {version} is not supported by this pgvault")
         doc["files"] = [FileEntry(**f) for f in doc["files"]]
         doc["tablespaces"] = [Tablespace(**t) for t in doc["tablespaces"]]

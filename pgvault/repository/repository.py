@@ -7,9 +7,13 @@ below it speaks in keys and bytes.
 from __future__ import annotations
 
 import json
+import os
+import struct
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
+
+import zstandard
 
 from pgvault.backends.base import Backend, ObjectNotFound
 from pgvault.errors import (
@@ -25,12 +29,12 @@ from pgvault.pipeline import codecs, crypto, envelope
 from pgvault.pipeline.crypto import Keys
 from pgvault.pipeline.envelope import Kind
 from pgvault.repository import layout
-from pgvault.repository.index import Index, Location, decode_entries
+from pgvault.repository.index import Index, Location, decode_body, decode_entries
 from pgvault.repository.manifest import FileEntry, Manifest
 
 REPO_FORMAT = 1
 # Block size: see docs/FORMAT.md §4 for the measurement behind the default.
-DEFAULT_BLOCK_SIZE = 32 * 1024
+DEFAULT_BLOCK_SIZE = 8 * 1024
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
 
 
@@ -55,6 +59,8 @@ class Repository:
         self.keys = keys
         self.settings = settings
         self._index: Index | None = None
+        self._dict_keys: dict[int, str] | None = None  # dictionary id -> key, from one listing
+        self._dicts: dict[int, zstandard.ZstdCompressionDict] = {}
         # Progress hook: called with the plaintext size of each block read_blocks yields.
         self.on_read: Callable[[int], None] | None = None
 
@@ -131,6 +137,10 @@ class Repository:
             if info.key.endswith(".manifest")
         )
 
+    def latest_manifest(self, stanza: str) -> Manifest | None:
+        backups = self.list_backups(stanza)
+        return self.load_manifest(stanza, backups[-1]) if backups else None
+
     def save_manifest(self, manifest: Manifest) -> int:
         """Write the manifest: the commit point of a backup. Never overwrites."""
         key = layout.manifest_key(manifest.stanza, manifest.backup_id)
@@ -156,10 +166,59 @@ class Repository:
 
     def _load_index(self) -> Index:
         index = Index()
-        for info in self.backend.list("index/"):
-            pack, entries = decode_entries(self._get_sealed(Kind.INDEX, info.key))
-            index.add_pack(pack, entries)
+        index.load(decode_body(self._get_sealed(Kind.INDEX, info.key)) for info in self.backend.list("index/"))
         return index
+
+    # -- compression dictionaries (docs/FORMAT.md §4a) ------------------------------------
+
+    def _list_dictionaries(self) -> dict[int, str]:
+        if self._dict_keys is None:
+            keys = sorted(info.key for info in self.backend.list(layout.DICT_PREFIX))
+            self._dict_keys = {int(key.rsplit("-", 1)[1], 16): key for key in keys}
+        return self._dict_keys
+
+    def dictionary(self, dict_id: int) -> zstandard.ZstdCompressionDict:
+        """The dictionary a ZSTD_DICT block names (codecs.Dictionaries)."""
+        zdict = self._dicts.get(dict_id)
+        if zdict is not None:
+            return zdict
+        key = self._list_dictionaries().get(dict_id)
+        if key is None:
+            self._dict_keys = None  # written after our listing, by a concurrent backup?
+            key = self._list_dictionaries().get(dict_id)
+        if key is None:
+            raise IntegrityError(f"compression dictionary {dict_id:08x} is missing from the repository")
+        try:
+            raw = self._get_sealed(Kind.DICT, key)
+        except ObjectNotFound:
+            raise IntegrityError(f"compression dictionary {key} is missing from the repository") from None
+        zdict = zstandard.ZstdCompressionDict(raw)
+        if zdict.dict_id() != dict_id:
+            raise IntegrityError(f"compression dictionary {key} has id {zdict.dict_id():08x}")
+        self._dicts[dict_id] = zdict
+        return zdict
+
+    def current_dictionary(self) -> zstandard.ZstdCompressionDict | None:
+        """The newest dictionary, which new blocks are compressed with; None if there is none."""
+        keys = self._list_dictionaries()
+        if not keys:
+            return None
+        return self.dictionary(next(reversed(keys)))
+
+    def save_dictionary(self, raw: bytes, dict_id: int) -> zstandard.ZstdCompressionDict | None:
+        """Store a trained dictionary (before any block that uses it); None if its id is taken."""
+        if dict_id in self._list_dictionaries():
+            return None
+        key = layout.dict_key(int(time.time()), dict_id)
+        if not self.backend.put_if_absent(key, self._seal(Kind.DICT, key, raw)):
+            return None
+        self._dict_keys = None
+        return self.dictionary(dict_id)
+
+    @staticmethod
+    def new_dictionary_id() -> int:
+        # zstd reserves ids below 32768 and at or above 2**31 for registered dictionaries.
+        return 32768 + int.from_bytes(os.urandom(4), "little") % (2**31 - 32768)
 
     def _locate(self, block_id: bytes) -> Location:
         loc = self.index.get(block_id)
@@ -177,7 +236,7 @@ class Repository:
         return data
 
     def _open_block(self, block_id: bytes, sealed: bytes | memoryview, rehash: bool) -> bytes:
-        data = envelope.open_(self.keys, sealed, block_id, Kind.BLOCK)
+        data = envelope.open_(self.keys, sealed, block_id, Kind.BLOCK, self.dictionary)
         if rehash and self.keys.block_id(data) != block_id:
             raise IntegrityError(f"block {block_id.hex()} content does not match its id")
         return data
@@ -220,7 +279,9 @@ class Repository:
         if entry.blocklist is None:
             return []
         raw = self.read_block(bytes.fromhex(entry.blocklist))
-        return [raw[i : i + 32] for i in range(0, len(raw), 32)]
+        if entry.blocklist_base is None:
+            return split_ids(raw)
+        return apply_delta(split_ids(self.read_block(bytes.fromhex(entry.blocklist_base))), raw)
 
     # -- WAL ------------------------------------------------------------------------------
 
@@ -266,10 +327,11 @@ class Repository:
         (verify and GC need both, and each index object is then read once). on_error: report
         an unreadable index object and go on (verify) instead of raising (GC)."""
         packs: dict[str, list[tuple[bytes, int, int]]] = {}
-        index = Index()
+        bodies: list[tuple[str, memoryview]] = []
         for info in self.backend.list("index/"):
             try:
-                pack, entries = decode_entries(self._get_sealed(Kind.INDEX, info.key))
+                raw = self._get_sealed(Kind.INDEX, info.key)
+                pack, entries = decode_entries(raw)
             except ObjectNotFound:
                 continue  # deleted since the listing
             except PgvaultError as exc:
@@ -278,7 +340,9 @@ class Repository:
                 on_error(info.key, exc)
                 continue
             packs[pack] = entries
-            index.add_pack(pack, entries)
+            bodies.append(decode_body(raw))
+        index = Index()
+        index.load(bodies)
         self._index = index
         return packs
 
@@ -306,6 +370,40 @@ class Repository:
     def delete_backup(self, stanza: str, backup_id: str) -> None:
         """Remove a backup's manifest: the backup is gone; GC later frees its blocks."""
         self.backend.delete(layout.manifest_key(stanza, backup_id))
+
+
+# A delta block list (docs/FORMAT.md §8): the file's block count, then (position, id) pairs
+# for the positions where it differs from its base block list.
+DELTA_COUNT = struct.Struct("<Q")
+DELTA_ITEM = struct.Struct("<I32s")
+
+
+def split_ids(raw: bytes) -> list[bytes]:
+    if len(raw) % 32:
+        raise IntegrityError("block list is truncated")
+    return [raw[i : i + 32] for i in range(0, len(raw), 32)]
+
+
+def encode_delta(base: list[bytes], ids: list[bytes]) -> bytes:
+    out = bytearray(DELTA_COUNT.pack(len(ids)))
+    for pos, block_id in enumerate(ids):
+        if pos >= len(base) or base[pos] != block_id:
+            out += DELTA_ITEM.pack(pos, block_id)
+    return bytes(out)
+
+
+def apply_delta(base: list[bytes], delta: bytes) -> list[bytes]:
+    if len(delta) < DELTA_COUNT.size or (len(delta) - DELTA_COUNT.size) % DELTA_ITEM.size:
+        raise IntegrityError("delta block list is truncated")
+    (count,) = DELTA_COUNT.unpack_from(delta)
+    ids: list[bytes | None] = list(base[:count]) + [None] * (count - min(count, len(base)))
+    for pos, block_id in DELTA_ITEM.iter_unpack(memoryview(delta)[DELTA_COUNT.size :]):
+        if pos >= count:
+            raise IntegrityError("delta block list names a block beyond the file's end")
+        ids[pos] = block_id
+    if None in ids:
+        raise IntegrityError("delta block list leaves blocks of the file unnamed")
+    return ids  # type: ignore[return-value]
 
 
 def _now() -> str:

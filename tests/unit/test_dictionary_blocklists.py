@@ -1,0 +1,128 @@
+"""Compression dictionaries and delta block lists, through BlockStore and Repository."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from pgvault.backends.memory import MemoryBackend
+from pgvault.errors import IntegrityError
+from pgvault.pipeline import codecs, envelope
+from pgvault.pipeline.codecs import Codec
+from pgvault.pipeline.pool import OrderedPool
+from pgvault.repository import blockstore
+from pgvault.repository.blockstore import BlockStore, FileBuilder
+from pgvault.repository.manifest import FileEntry, Manifest
+from pgvault.repository.repository import Repository, RepoSettings, apply_delta, encode_delta
+
+BLOCK = 8192
+
+
+def page_like(rnd: random.Random, n: int) -> bytes:
+    """Blocks that share structure (as heap pages do) but differ in detail."""
+    out = bytearray()
+    for _ in range(n):
+        rows = b"".join(b"%08d|%s|" % (rnd.randrange(10**8), b"x" * rnd.randrange(20, 90)) for _ in range(80))
+        out += (b"\x00\x01PAGEHDR" + rows)[:BLOCK].ljust(BLOCK, b" ")
+    return bytes(out)
+
+
+def store_file(repo: Repository, content: bytes, previous: Manifest | None = None) -> FileEntry:
+    entry = FileEntry(path="base/1/1234", type="f", mode=0o600, size=len(content))
+    with OrderedPool[Any](2, 16) as pool:
+        store = BlockStore(repo, pool, Codec.ZSTD, None)
+        store.use_blocklist_bases(previous)
+        builder = FileBuilder(store, entry)
+        builder.write(memoryview(content))
+        builder.close()
+        store.finish()
+    return entry
+
+
+def manifest_of(entry: FileEntry) -> Manifest:
+    return Manifest("20260101-000000F", "a", "full", "", "", "0/0", "0/0", 1, 1, "", "", 150000, "1", 1 << 24,
+                    BLOCK, files=[entry])
+
+
+@pytest.fixture(params=[None, b"secret"], ids=["plain", "encrypted"])
+def repo(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Repository:
+    monkeypatch.setattr(blockstore, "SAMPLE_BYTES", 64 * BLOCK)
+    return Repository.create(MemoryBackend(), request.param, RepoSettings(BLOCK, 1 << 20))
+
+
+def test_dictionary_is_trained_stored_sealed_and_used(repo: Repository) -> None:
+    content = page_like(random.Random(1), 1200)
+    entry = store_file(repo, content)
+    keys = [i.key for i in repo.backend.list("dicts/")]
+    assert len(keys) == 1
+    assert repo.backend.get(keys[0])[:4] == b"PGVO"  # sealed like every other object
+    fresh = Repository.open(repo.backend, b"secret" if repo.keys.encrypted else None)
+    assert b"".join(fresh.read_blocks(fresh.file_block_ids(entry))) == content
+    codecs_used = set()
+    for block_id in fresh.file_block_ids(entry):
+        loc = fresh.index.get(block_id)
+        assert loc is not None
+        codecs_used.add(fresh.backend.get_range(f"packs/{loc.pack[:2]}/{loc.pack}", loc.offset, 16)[6])
+    assert codecs_used == {Codec.ZSTD, Codec.ZSTD_DICT}  # before and after training
+    # A later backup compresses with the stored dictionary from its first block.
+    other = page_like(random.Random(2), 40)
+    entry2 = store_file(fresh, other)
+    assert b"".join(fresh.read_blocks(fresh.file_block_ids(entry2))) == other
+
+
+def test_a_block_whose_dictionary_is_gone_fails_clearly(repo: Repository) -> None:
+    store_file(repo, page_like(random.Random(1), 1200))
+    zdict = repo.current_dictionary()
+    assert zdict is not None
+    sealed = envelope.seal(repo.keys, envelope.Kind.BLOCK, b"abc" * 1000, b"id", Codec.ZSTD, zdict=zdict)
+    with pytest.raises(IntegrityError, match="dictionary"):
+        envelope.open_(repo.keys, sealed, b"id", envelope.Kind.BLOCK)
+    assert envelope.open_(repo.keys, sealed, b"id", envelope.Kind.BLOCK, repo.dictionary) == b"abc" * 1000
+    for info in repo.backend.list("dicts/"):
+        repo.backend.delete(info.key)
+    fresh = Repository.open(repo.backend, b"secret" if repo.keys.encrypted else None)
+    with pytest.raises(IntegrityError, match="dictionary .* is missing"):
+        envelope.open_(fresh.keys, sealed, b"id", envelope.Kind.BLOCK, fresh.dictionary)
+
+
+def test_changed_file_stores_a_delta_block_list(repo: Repository) -> None:
+    rnd = random.Random(5)
+    content = bytearray(rnd.randbytes(300 * BLOCK))
+    first = store_file(repo, bytes(content))
+    assert first.blocklist is not None and first.blocklist_base is None
+    for blkno in (3, 150, 299):
+        content[blkno * BLOCK : blkno * BLOCK + 10] = b"changed!!!"
+    content += rnd.randbytes(2 * BLOCK)  # grown by two blocks
+    second = store_file(repo, bytes(content), manifest_of(first))
+    assert second.blocklist_base == first.blocklist
+    assert len(repo.read_block(bytes.fromhex(second.blocklist or ""))) == 8 + 5 * 36
+    assert b"".join(repo.read_blocks(repo.file_block_ids(second))) == bytes(content)
+    # The next delta is against the same plain base, never a delta of a delta.
+    content[0:4] = b"more"
+    third = store_file(repo, bytes(content), manifest_of(second))
+    assert third.blocklist_base == first.blocklist
+    assert b"".join(repo.read_blocks(repo.file_block_ids(third))) == bytes(content)
+    # A mostly rewritten file stores a plain list again.
+    rewritten = rnd.randbytes(300 * BLOCK)
+    fourth = store_file(repo, rewritten, manifest_of(third))
+    assert fourth.blocklist_base is None
+
+
+def test_delta_encoding_round_trips_and_rejects_damage() -> None:
+    rnd = random.Random(9)
+    base = [rnd.randbytes(32) for _ in range(50)]
+    for ids in (base[:20], base + [rnd.randbytes(32)], [rnd.randbytes(32) if i % 7 == 0 else b for i, b in enumerate(base)]):
+        assert apply_delta(base, encode_delta(base, ids)) == ids
+    grown = base + [rnd.randbytes(32)]
+    delta = encode_delta(base, grown)
+    with pytest.raises(IntegrityError):
+        apply_delta(base, delta[:-1])
+    with pytest.raises(IntegrityError):
+        apply_delta(base, delta[:8])  # says 51 blocks, names none beyond the base
+
+
+def test_codec_without_dictionary_keeps_plain_zstd() -> None:
+    used, _ = codecs.compress(Codec.ZSTD_DICT, b"a" * 1000)
+    assert used == Codec.ZSTD

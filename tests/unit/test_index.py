@@ -1,0 +1,63 @@
+"""The compact in-memory block index against a plain dict, and its memory per block."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+from pgvault.repository.index import ENTRY, Index, Location
+
+
+def _entries(rnd: random.Random, n: int) -> list[tuple[bytes, int, int]]:
+    return [(rnd.randbytes(32), rnd.randrange(1 << 40), rnd.randrange(1 << 31)) for _ in range(n)]
+
+
+def test_lookups_match_a_dict_through_loads_and_merges() -> None:
+    rnd = random.Random(7)
+    index = Index()
+    expect: dict[bytes, Location] = {}
+    loaded = {f"pack{i}": _entries(rnd, rnd.randrange(0, 300)) for i in range(20)}
+    index.load((p, b"".join(ENTRY.pack(*e) for e in es)) for p, es in loaded.items())
+    for pack, entries in loaded.items():
+        for block_id, offset, length in entries:
+            expect.setdefault(block_id, Location(pack, offset, length))
+    for i in range(40):  # packs added while a backup runs: small tables that merge
+        entries = _entries(rnd, rnd.randrange(1, 500))
+        index.add_pack(f"new{i}", entries)
+        for block_id, offset, length in entries:
+            expect.setdefault(block_id, Location(f"new{i}", offset, length))
+    assert len(index._tables) <= 2 * len(expect).bit_length()
+    for block_id, loc in expect.items():
+        assert block_id in index
+        assert index.get(block_id) == loc
+    for _ in range(2000):
+        assert index.get(rnd.randbytes(32)) is None
+
+
+def test_a_block_in_two_packs_is_found_in_either() -> None:
+    index = Index()
+    block_id = os.urandom(32)
+    index.add_pack("a", [(block_id, 10, 20)])
+    index.add_pack("b", [(block_id, 30, 20)])
+    assert index.get(block_id) in (Location("a", 10, 20), Location("b", 30, 20))
+    assert len(index) == 2
+
+
+def test_an_id_straddling_two_records_is_not_a_match() -> None:
+    """bytes.find may match across record boundaries; only aligned matches are ids."""
+    index = Index()
+    first, second = b"\x00" * 16 + b"\x11" * 16, b"\x00" * 16 + b"\x22" * 16
+    index.add_pack("p", [(first, 0x1111111111111111, 0x11111111), (second, 1, 1)])
+    fake = b"\x11" * 16 + (0x1111111111111111).to_bytes(8, "little") + b"\x11" * 8
+    assert fake not in index
+    assert index.get(second) == Location("p", 1, 1)
+
+
+def test_memory_per_block_is_about_fifty_bytes() -> None:
+    rnd = random.Random(3)
+    index = Index()
+    entries = _entries(rnd, 20000)
+    index.load([("p", b"".join(ENTRY.pack(*e) for e in entries))])
+    size = sum(sys.getsizeof(t.data) + sys.getsizeof(t.starts) for t in index._tables)
+    assert size / len(entries) < 56
