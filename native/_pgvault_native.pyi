@@ -22,3 +22,12 @@ def block_digests(buf: Buffer, block_size: int) -> bytes:
 
 def changed_blocks(new_digests: Buffer, old_digests: Buffer, width: int = 16) -> list[int]:
     """Indices whose width-byte digest differs from old_digests or lies beyond its end."""
+
+def index_build(sources: list[tuple[Buffer, int, bytes]], bits: int) -> tuple[bytes, bytes]:
+    """A block-index table (48-byte records bucketed by the id's leading bits) and its starts."""
+
+def index_merge(a: bytes, a_starts: bytes, b: bytes, b_starts: bytes) -> tuple[bytes, bytes]:
+    """Two tables of the same width as one, bucket by bucket."""
+
+def index_find(data: bytes, starts: bytes, bits: int, block_id: bytes) -> int:
+    """Byte offset of block_id's record in data, or -1."""

@@ -22,7 +22,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.stdint cimport uint32_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 from operator import index as _index
 
@@ -313,3 +313,124 @@ def changed_blocks(new_digests, old_digests, width=16) -> list:
     finally:
         PyBuffer_Release(&nv)
     return result
+
+
+# -- the block index (pgvault/repository/index.py) ------------------------------------------
+# A table is `data`: records of 48 bytes (a 32-byte block id first), grouped in 2**bits buckets
+# by the id's leading bits, and `starts`: 2**bits + 1 native uint32 record numbers, bucket b
+# being records starts[b] .. starts[b+1]-1.
+
+cdef enum:
+    RECORD_SIZE = 48
+    ID_SIZE = 32
+
+
+cdef inline uint32_t _prefix(const unsigned char *p) nogil:
+    return (<uint32_t> p[0] << 24) | (<uint32_t> p[1] << 16) | (<uint32_t> p[2] << 8) | <uint32_t> p[3]
+
+
+def index_build(sources, bits) -> tuple:
+    """One table from sources, a list of (records, stride, tail): records of ``stride`` bytes
+    (44 or 48) whose 48-byte form is the record followed by ``tail`` (48 - stride bytes).
+    Returns (data, starts) as bytes."""
+    cdef int nbits = _index(bits)
+    if not 1 <= nbits <= 24:
+        raise ValueError(f"bits must be in 1..24, got {nbits}")
+    cdef int shift = 32 - nbits
+    cdef Py_ssize_t nb = (<Py_ssize_t> 1) << nbits
+    cdef Py_ssize_t total = 0, i, n, stride, b
+    cdef Py_buffer view
+    cdef const unsigned char *src
+    cdef char *dst
+    cdef const char *tail_p
+    cdef uint32_t *counts
+    cdef bytes starts, out, tail
+    for body, stride_obj, tail in sources:
+        stride = _index(stride_obj)
+        if stride not in (44, 48) or len(tail) != RECORD_SIZE - stride:
+            raise ValueError("stride must be 44 or 48, with a tail of 48 - stride bytes")
+    counts = <uint32_t *> malloc((nb + 1) * sizeof(uint32_t))
+    if counts == NULL:
+        raise MemoryError()
+    try:
+        memset(counts, 0, (nb + 1) * sizeof(uint32_t))
+        for body, stride_obj, tail in sources:
+            stride = stride_obj
+            _get_buffer(body, &view)
+            try:
+                if view.len % stride:
+                    raise ValueError(f"records of {view.len} bytes are not a multiple of {stride}")
+                n = view.len // stride
+                src = <const unsigned char *> view.buf
+                for i in range(n):
+                    counts[(_prefix(src + i * stride) >> shift) + 1] += 1
+                total += n
+            finally:
+                PyBuffer_Release(&view)
+        for b in range(1, nb + 1):
+            counts[b] += counts[b - 1]
+        starts = PyBytes_FromStringAndSize(<char *> counts, (nb + 1) * sizeof(uint32_t))
+        out = PyBytes_FromStringAndSize(NULL, total * RECORD_SIZE)
+        dst = PyBytes_AS_STRING(out)
+        for body, stride_obj, tail in sources:
+            stride = stride_obj
+            tail_p = PyBytes_AS_STRING(tail)
+            _get_buffer(body, &view)
+            try:
+                n = view.len // stride
+                src = <const unsigned char *> view.buf
+                for i in range(n):
+                    b = _prefix(src + i * stride) >> shift
+                    memcpy(dst + <Py_ssize_t> counts[b] * RECORD_SIZE, src + i * stride, <size_t> stride)
+                    memcpy(dst + <Py_ssize_t> counts[b] * RECORD_SIZE + stride, tail_p, <size_t> (RECORD_SIZE - stride))
+                    counts[b] += 1
+            finally:
+                PyBuffer_Release(&view)
+    finally:
+        free(counts)
+    return out, starts
+
+
+def index_merge(bytes a, bytes a_starts, bytes b, bytes b_starts) -> tuple:
+    """One table holding the records of two tables of the same width, bucket by bucket."""
+    if len(a_starts) != len(b_starts) or len(a_starts) % 4 or len(a_starts) < 8:
+        raise ValueError("tables of different widths")
+    cdef Py_ssize_t nb = len(a_starts) // 4 - 1, k, la, lb, pos = 0
+    cdef const uint32_t *sa = <const uint32_t *> PyBytes_AS_STRING(a_starts)
+    cdef const uint32_t *sb = <const uint32_t *> PyBytes_AS_STRING(b_starts)
+    if <Py_ssize_t> sa[nb] * RECORD_SIZE != len(a) or <Py_ssize_t> sb[nb] * RECORD_SIZE != len(b):
+        raise ValueError("starts do not match the records")
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, len(a) + len(b))
+    cdef bytes starts = PyBytes_FromStringAndSize(NULL, len(a_starts))
+    cdef char *o = PyBytes_AS_STRING(out)
+    cdef uint32_t *so = <uint32_t *> PyBytes_AS_STRING(starts)
+    cdef const char *pa = PyBytes_AS_STRING(a)
+    cdef const char *pb = PyBytes_AS_STRING(b)
+    for k in range(nb):
+        so[k] = sa[k] + sb[k]
+        la = (sa[k + 1] - sa[k]) * RECORD_SIZE
+        lb = (sb[k + 1] - sb[k]) * RECORD_SIZE
+        memcpy(o + pos, pa + <Py_ssize_t> sa[k] * RECORD_SIZE, <size_t> la)
+        memcpy(o + pos + la, pb + <Py_ssize_t> sb[k] * RECORD_SIZE, <size_t> lb)
+        pos += la + lb
+    so[nb] = sa[nb] + sb[nb]
+    return out, starts
+
+
+def index_find(bytes data, bytes starts, int bits, bytes block_id) -> int:
+    """Byte offset in data of the record of block_id, or -1."""
+    if len(block_id) != ID_SIZE:
+        raise ValueError(f"block ids are {ID_SIZE} bytes, got {len(block_id)}")
+    if not 1 <= bits <= 24 or len(starts) != (((<Py_ssize_t> 1) << bits) + 1) * 4:
+        raise ValueError("starts do not match bits")
+    cdef const unsigned char *idp = <const unsigned char *> PyBytes_AS_STRING(block_id)
+    cdef const uint32_t *s = <const uint32_t *> PyBytes_AS_STRING(starts)
+    cdef const char *d = PyBytes_AS_STRING(data)
+    cdef uint32_t b = _prefix(idp) >> (32 - bits)
+    cdef Py_ssize_t r
+    if <Py_ssize_t> s[b + 1] * RECORD_SIZE > len(data):
+        raise ValueError("starts do not match the records")
+    for r in range(s[b], s[b + 1]):
+        if memcmp(d + r * RECORD_SIZE, idp, ID_SIZE) == 0:
+            return r * RECORD_SIZE
+    return -1

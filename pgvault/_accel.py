@@ -1,6 +1,7 @@
 """The hot loops, native when possible: import them from here, never from _native or _pure.
 
     from pgvault._accel import checksum_page, verify_pages, block_digests, changed_blocks, IMPL
+    from pgvault._accel import index_build, index_merge, index_find
 
 ``PGVAULT_IMPL`` selects the implementation, read once at first import:
 
@@ -23,7 +24,10 @@ from typing import TYPE_CHECKING
 
 from pgvault.errors import ConfigError
 
-__all__ = ["IMPL", "NATIVE_IMPORT_ERROR", "block_digests", "changed_blocks", "checksum_page", "verify_pages"]
+__all__ = [
+    "IMPL", "NATIVE_IMPORT_ERROR", "block_digests", "changed_blocks", "checksum_page", "index_build", "index_find",
+    "index_merge", "verify_pages",
+]
 
 ENV_VAR = "PGVAULT_IMPL"
 
@@ -58,7 +62,9 @@ def _select() -> object:
 
 
 if TYPE_CHECKING:
-    from pgvault._pure import IMPL, block_digests, changed_blocks, checksum_page, verify_pages
+    from pgvault._pure import (
+        IMPL, block_digests, changed_blocks, checksum_page, index_build, index_find, index_merge, verify_pages,
+    )
 else:
     _impl = _select()
     IMPL: str = _impl.IMPL
@@ -66,4 +72,7 @@ else:
     verify_pages = _impl.verify_pages
     block_digests = _impl.block_digests
     changed_blocks = _impl.changed_blocks
+    index_build = _impl.index_build
+    index_merge = _impl.index_merge
+    index_find = _impl.index_find
     del _impl

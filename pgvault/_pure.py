@@ -10,6 +10,7 @@ Import from ``pgvault._accel``, not from here.
   ``segno * 131072 + off // 8192`` (RELSEG_SIZE = 131072 blocks of 8192 bytes = 1 GiB).
 * ``block_digests(buf, block_size)`` -- concatenated xxh3-128 digests of ``block_size`` pieces.
 * ``changed_blocks(new_digests, old_digests, width=16)`` -- indices of digests that differ.
+* ``index_build``, ``index_merge``, ``index_find`` -- the block index's tables (repository/index.py).
 
 How the checksum is made fast without numpy
 -------------------------------------------
@@ -49,7 +50,9 @@ import xxhash
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12 on
 
-__all__ = ["IMPL", "block_digests", "changed_blocks", "checksum_page", "verify_pages"]
+__all__ = [
+    "IMPL", "block_digests", "changed_blocks", "checksum_page", "index_build", "index_find", "index_merge", "verify_pages",
+]
 
 IMPL = "python"
 
@@ -263,3 +266,84 @@ def changed_blocks(new_digests: Buffer, old_digests: Buffer, width: int = 16) ->
                 changed.extend(i for i in range(lo, hi) if a[i * w : (i + 1) * w] != b[i * w : (i + 1) * w])
     changed.extend(range(common, n_new))
     return changed
+
+
+# -- the block index (pgvault/repository/index.py) ------------------------------------------
+# A table is `data`: records of 48 bytes (a 32-byte block id first), grouped in 2**bits buckets
+# by the id's leading bits, and `starts`: 2**bits + 1 native uint32 record numbers, bucket b
+# being records starts[b] .. starts[b+1]-1.
+
+_RECORD = 48
+_ID = 32
+_PREFIXES = {44: struct.Struct(">I40x"), 48: struct.Struct(">I44x")}
+
+
+def index_build(sources: list[tuple[Buffer, int, bytes]], bits: int) -> tuple[bytes, bytes]:
+    """One table from sources, a list of (records, stride, tail): records of ``stride`` bytes
+    (44 or 48) whose 48-byte form is the record followed by ``tail`` (48 - stride bytes).
+    Returns (data, starts) as bytes."""
+    nbits = _index(bits)
+    if not 1 <= nbits <= 24:
+        raise ValueError(f"bits must be in 1..24, got {nbits}")
+    for _, stride, tail in sources:
+        if stride not in (44, 48) or len(tail) != _RECORD - stride:
+            raise ValueError("stride must be 44 or 48, with a tail of 48 - stride bytes")
+    shift = 32 - nbits
+    counts = array("I", bytes(4 * ((1 << nbits) + 1)))
+    total = 0
+    for body, stride, _ in sources:
+        view = _byte_view(body)
+        if len(view) % stride:
+            raise ValueError(f"records of {len(view)} bytes are not a multiple of {stride}")
+        for (prefix,) in _PREFIXES[stride].iter_unpack(view):
+            counts[(prefix >> shift) + 1] += 1
+        total += len(view) // stride
+    for b in range(1, len(counts)):
+        counts[b] += counts[b - 1]
+    starts = counts.tobytes()
+    out = bytearray(total * _RECORD)
+    for body, stride, tail in sources:
+        view = _byte_view(body)
+        for pos, (prefix,) in zip(range(0, len(view), stride), _PREFIXES[stride].iter_unpack(view)):
+            b = prefix >> shift
+            dst = counts[b] * _RECORD
+            counts[b] += 1
+            out[dst : dst + stride] = view[pos : pos + stride]
+            if tail:
+                out[dst + stride : dst + _RECORD] = tail
+    return bytes(out), starts
+
+
+def index_merge(a: bytes, a_starts: bytes, b: bytes, b_starts: bytes) -> tuple[bytes, bytes]:
+    """One table holding the records of two tables of the same width, bucket by bucket."""
+    if len(a_starts) != len(b_starts) or len(a_starts) % 4 or len(a_starts) < 8:
+        raise ValueError("tables of different widths")
+    sa, sb = array("I", a_starts), array("I", b_starts)
+    if sa[-1] * _RECORD != len(a) or sb[-1] * _RECORD != len(b):
+        raise ValueError("starts do not match the records")
+    parts = []
+    for k in range(len(sa) - 1):
+        parts.append(a[sa[k] * _RECORD : sa[k + 1] * _RECORD])
+        parts.append(b[sb[k] * _RECORD : sb[k + 1] * _RECORD])
+    return b"".join(parts), array("I", (x + y for x, y in zip(sa, sb))).tobytes()
+
+
+_U32_PAIR = struct.Struct("=II")
+
+
+def index_find(data: bytes, starts: bytes, bits: int, block_id: bytes) -> int:
+    """Byte offset in data of the record of block_id, or -1."""
+    if len(block_id) != _ID:
+        raise ValueError(f"block ids are {_ID} bytes, got {len(block_id)}")
+    if not 1 <= bits <= 24 or len(starts) != ((1 << bits) + 1) * 4:
+        raise ValueError("starts do not match bits")
+    b = int.from_bytes(block_id[:4], "big") >> (32 - bits)
+    lo, hi = _U32_PAIR.unpack_from(starts, 4 * b)
+    lo *= _RECORD
+    hi *= _RECORD
+    if hi > len(data):
+        raise ValueError("starts do not match the records")
+    pos = data.find(block_id, lo, hi)
+    while pos >= 0 and (pos - lo) % _RECORD:  # a match across two records is not an id
+        pos = data.find(block_id, pos + 1, hi)
+    return pos

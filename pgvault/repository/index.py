@@ -6,30 +6,28 @@ backend only ever names packs that exist.
 In memory the index must stay small as the database grows (a dict of Location objects cost
 ~300 bytes a block, and peak RSS grew with it: 65 MB at pgbench scale 100, 132 MB at 300). So it
 is a few tables of fixed 48-byte records (id, offset, length, pack number) in one bytes object
-each, bucketed by the leading bits of the id, ~8 records a bucket. Block ids are keyed BLAKE3
-digests, so those bits are uniform. A lookup is one ``bytes.find`` of the id within its bucket,
-in C. The tables are built by a counting sort (no per-record Python objects). Packs added while
-a backup runs become small tables that merge like a log-structured tree (a table merges into
-the one before while that one is at most twice its size), so there are O(log n) tables.
+each, bucketed by the leading 16 bits of the id (more beyond ~4M blocks). Block ids are keyed
+BLAKE3 digests, so those bits are uniform. A lookup compares the id with the records of its
+bucket (pgvault._accel: native, or a pure-Python twin that uses ``bytes.find``). Tables are
+built by a counting sort, with no per-record Python objects. Each pack a running backup adds
+becomes a small table; tables merge bucket by bucket like a log-structured tree (a table merges
+into the one before while that one is at most twice its size), so there are O(log n) tables.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
-from array import array
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from pgvault import _accel
 from pgvault.errors import IntegrityError
 
 ENTRY = struct.Struct("<32sQI")  # on disk: block id, offset in pack, stored length
 ID_SIZE = 32
 RECORD = struct.Struct("<32sQII")  # in memory: an ENTRY followed by the pack's number
-_PREFIX_44 = struct.Struct(">I40x")  # the leading 32 bits of the id of an ENTRY
-_PREFIX_48 = struct.Struct(">I44x")  # ... of a RECORD
 _PACK_NO = struct.Struct("<I")
-PER_BUCKET = 8
 
 
 @dataclass(frozen=True)
@@ -63,59 +61,43 @@ def decode_entries(data: bytes) -> tuple[str, list[tuple[bytes, int, int]]]:
 
 
 class _Table:
-    """Immutable bucketed records; see the module docstring."""
+    """Immutable bucketed records (see the module docstring); the loops are in pgvault._accel."""
 
-    __slots__ = ("data", "starts", "shift", "count")
+    __slots__ = ("data", "starts", "bits", "count")
 
-    def __init__(self, data: bytes, starts: array, shift: int, count: int) -> None:
+    def __init__(self, data: bytes, starts: bytes, bits: int) -> None:
         self.data = data
         self.starts = starts
-        self.shift = shift
-        self.count = count
+        self.bits = bits
+        self.count = len(data) // RECORD.size
+
+    @staticmethod
+    def bits_for(count: int) -> int:
+        """16 bits (65536 buckets, 256 KiB of bucket starts) up to ~4M records, so that tables
+        of the same width merge bucket by bucket; more beyond, to keep buckets short."""
+        return max(16, min(24, (count // 64).bit_length()))
 
     @classmethod
     def build(cls, sources: Sequence[tuple[bytes | memoryview, int | None]]) -> _Table:
-        """sources: (ENTRY records, pack number) or (RECORD records, None)."""
+        """sources: (ENTRY records, pack number) or (RECORD records, None). A counting sort."""
         count = sum(len(body) // (RECORD.size if pno is None else ENTRY.size) for body, pno in sources)
-        bits = max(1, min(24, (count // PER_BUCKET).bit_length()))
-        shift = 32 - bits
-        counts = array("I", bytes(4 * ((1 << bits) + 1)))
-        for body, pno in sources:
-            for (prefix,) in (_PREFIX_48 if pno is None else _PREFIX_44).iter_unpack(body):
-                counts[(prefix >> shift) + 1] += 1
-        for b in range(1, len(counts)):
-            counts[b] += counts[b - 1]
-        starts = array("I", counts)
-        out = bytearray(count * RECORD.size)
-        fill = counts  # fill[b]: the next free record of bucket b
-        size = RECORD.size
-        for body, pno in sources:
-            if pno is None:
-                for pos, (prefix,) in zip(range(0, len(body), size), _PREFIX_48.iter_unpack(body)):
-                    b = prefix >> shift
-                    dst = fill[b] * size
-                    fill[b] += 1
-                    out[dst : dst + size] = body[pos : pos + size]
-            else:
-                tail = _PACK_NO.pack(pno)
-                step = ENTRY.size
-                for pos, (prefix,) in zip(range(0, len(body), step), _PREFIX_44.iter_unpack(body)):
-                    b = prefix >> shift
-                    dst = fill[b] * size
-                    fill[b] += 1
-                    out[dst : dst + step] = body[pos : pos + step]
-                    out[dst + step : dst + size] = tail
-        return cls(bytes(out), starts, shift, count)
+        bits = cls.bits_for(count)
+        spec = [(body, RECORD.size, b"") if pno is None else (body, ENTRY.size, _PACK_NO.pack(pno)) for body, pno in sources]
+        data, starts = _accel.index_build(spec, bits)
+        return cls(data, starts, bits)
+
+    @classmethod
+    def merge(cls, a: _Table, b: _Table) -> _Table:
+        """One table holding both; bucket by bucket (no per-record work) when widths agree."""
+        bits = cls.bits_for(a.count + b.count)
+        if not a.bits == b.bits == bits:
+            return cls.build([(a.data, None), (b.data, None)])
+        data, starts = _accel.index_merge(a.data, a.starts, b.data, b.starts)
+        return cls(data, starts, bits)
 
     def find(self, block_id: bytes) -> int:
         """Byte offset of the record of block_id, or -1."""
-        b = int.from_bytes(block_id[:4], "big") >> self.shift
-        lo = self.starts[b] * RECORD.size
-        hi = self.starts[b + 1] * RECORD.size
-        pos = self.data.find(block_id, lo, hi)
-        while pos >= 0 and (pos - lo) % RECORD.size:  # a match across two records: not an id
-            pos = self.data.find(block_id, pos + 1, hi)
-        return pos
+        return _accel.index_find(self.data, self.starts, self.bits, block_id)
 
 
 class Index:
@@ -125,30 +107,26 @@ class Index:
     def __init__(self) -> None:
         self._packs: list[str] = []
         self._pack_numbers: dict[str, int] = {}
-        self._tables: list[_Table] = []  # replaced, never mutated: readers take a snapshot
+        self._tables: list[_Table] = []  # replaced, never mutated: readers use a snapshot
         self._lock = threading.Lock()
 
-    def _find(self, block_id: bytes) -> tuple[_Table, int] | None:
-        for table in self._tables:
-            pos = table.find(block_id)
-            if pos >= 0:
-                return table, pos
-        return None
-
     def __contains__(self, block_id: bytes) -> bool:
-        return self._find(block_id) is not None
+        for table in self._tables:
+            if table.find(block_id) >= 0:
+                return True
+        return False
 
     def __len__(self) -> int:
         """Records, so a block stored in two packs counts twice."""
         return sum(t.count for t in self._tables)
 
     def get(self, block_id: bytes) -> Location | None:
-        found = self._find(block_id)
-        if found is None:
-            return None
-        table, pos = found
-        _, offset, length, pno = RECORD.unpack_from(table.data, pos)
-        return Location(self._packs[pno], offset, length)
+        for table in self._tables:
+            pos = table.find(block_id)
+            if pos >= 0:
+                _, offset, length, pno = RECORD.unpack_from(table.data, pos)
+                return Location(self._packs[pno], offset, length)
+        return None
 
     def _number(self, pack: str) -> int:
         pno = self._pack_numbers.get(pack)
@@ -163,14 +141,16 @@ class Index:
             sources = [(body, self._number(pack)) for pack, body in packs]
             self._add_table(_Table.build(sources))
 
-    def add_pack(self, pack: str, entries: Iterable[tuple[bytes, int, int]]) -> None:
+    def add_pack(self, pack: str, entries: Iterable[tuple[bytes, int, int]] | bytes) -> None:
+        """One pack's entries: (id, offset, length) tuples, or their ENTRY encoding."""
+        body = entries if isinstance(entries, bytes) else b"".join(ENTRY.pack(*e) for e in entries)
         with self._lock:
-            body = b"".join(ENTRY.pack(*entry) for entry in entries)
             self._add_table(_Table.build([(body, self._number(pack))]))
 
     def _add_table(self, table: _Table) -> None:
+        """Publish a new table; merge while the one before is at most twice its size."""
         tables = [t for t in self._tables if t.count] + [table]
         while len(tables) > 1 and tables[-2].count <= 2 * tables[-1].count:
             last = tables.pop()
-            tables[-1] = _Table.build([(tables[-1].data, None), (last.data, None)])
+            tables[-1] = _Table.merge(tables[-1], last)
         self._tables = tables

@@ -79,7 +79,7 @@ class PackWriter:
             self._keys, envelope.Kind.INDEX, entries, layout.index_key(name).encode(), codecs.Codec.ZSTD
         )
         self._backend.put(layout.index_key(name), index_obj)
-        self._index.add_pack(name, self._entries)
+        self._index.add_pack(name, entries[2 + len(name) :])  # the ENTRY records, past the name
         self.bytes_written += len(self._buffer) + len(index_obj)
         self.packs_written += 1
         self._buffer = bytearray()

@@ -57,7 +57,7 @@ def test_an_id_straddling_two_records_is_not_a_match() -> None:
 def test_memory_per_block_is_about_fifty_bytes() -> None:
     rnd = random.Random(3)
     index = Index()
-    entries = _entries(rnd, 20000)
+    entries = _entries(rnd, 100000)
     index.load([("p", b"".join(ENTRY.pack(*e) for e in entries))])
     size = sum(sys.getsizeof(t.data) + sys.getsizeof(t.starts) for t in index._tables)
     assert size / len(entries) < 56
