@@ -109,11 +109,11 @@ class BlockStore:
             self._samples.append(data)
             if len(self._samples) * self.block_size < SAMPLE_BYTES:
                 return
-            self._train()
+            samples, self._samples, self._sampling = self._samples, [], False
+        self._train(samples)  # outside the lock: the other workers go on without a dictionary
 
-    def _train(self) -> None:
-        """With _sample_lock held: train, store and start using a dictionary (once)."""
-        samples, self._samples, self._sampling = self._samples, [], False
+    def _train(self, samples: list[bytes]) -> None:
+        """Train, store and start using a dictionary (once per backup)."""
         dict_id = self.repo.new_dictionary_id()
         try:
             trained = zstandard.train_dictionary(DICT_SIZE, samples, dict_id=dict_id, level=1)
@@ -204,8 +204,9 @@ class BlockStore:
     def finish(self) -> None:
         self.pool.finish()
         with self._sample_lock:
-            if self._sampling and len(self._samples) >= MIN_SAMPLES:
-                self._train()
+            samples, self._samples, self._sampling = self._samples, [], False
+        if len(samples) >= MIN_SAMPLES:
+            self._train(samples)
         self.packs.flush()
 
 
