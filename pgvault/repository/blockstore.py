@@ -25,7 +25,7 @@ from pgvault.pipeline import codecs, envelope
 from pgvault.pipeline.pool import OrderedPool
 from pgvault.repository.manifest import INLINE_BLOCKS, FileEntry, Manifest
 from pgvault.repository.packs import PackWriter
-from pgvault.repository.repository import Repository, encode_delta, split_ids
+from pgvault.repository.repository import Repository, encode_delta
 
 log = logging.getLogger("pgvault.blockstore")
 
@@ -148,8 +148,10 @@ class BlockStore:
     def _merge_block(self, merge: PageMerge, check: PageCheck | None) -> BlockResult:
         """Worker: rebuild a block from its parent's content and changed pages, then seal it."""
         data = bytearray(merge.length)
-        if merge.parent_id is not None and merge.keep:
-            parent = self.repo.read_block(merge.parent_id)[: merge.keep]
+        covered = len({offset for offset, _ in merge.pages}) * PAGE_SIZE >= merge.length
+        if merge.parent_id is not None and merge.keep and not covered:
+            # Not when the changed pages cover the block (always, with 8 KiB blocks).
+            parent = self.repo.read_block(merge.parent_id, rehash=False)[: merge.keep]
             data[: len(parent)] = parent
         for offset, page in merge.pages:
             data[offset : offset + PAGE_SIZE] = page
@@ -191,18 +193,17 @@ class BlockStore:
             self.packs.add(result.block_id, result.sealed)
         return result.block_id
 
-    def store_blocklist(self, entry: FileEntry, ids: list[bytes]) -> None:
+    def store_blocklist(self, entry: FileEntry, ids: bytes) -> None:
         """entry.blocklist, as a delta of the previous backup's block list when that is small."""
         base_entry = self._bases.get((entry.tablespace, entry.path))
         if base_entry is not None and base_entry.blocklist is not None:
             base_id = base_entry.blocklist_base or base_entry.blocklist
-            base = split_ids(self.repo.read_block(bytes.fromhex(base_id)))
-            delta = encode_delta(base, ids)
-            if len(delta) < DELTA_MAX_SHARE * 32 * len(ids):
+            delta = encode_delta(self.repo.read_block(bytes.fromhex(base_id)), ids)
+            if len(delta) < DELTA_MAX_SHARE * len(ids):
                 entry.blocklist = self.store_now(delta).hex()
                 entry.blocklist_base = base_id
                 return
-        entry.blocklist = self.store_now(b"".join(ids)).hex()
+        entry.blocklist = self.store_now(ids).hex()
 
     def finish(self) -> None:
         self.pool.finish()
@@ -234,7 +235,7 @@ class FileBuilder:
         self._buffer = bytearray()
         self._batch: list[bytes] = []
         self._batch_bytes = 0
-        self._ids: list[bytes | None] = []
+        self._ids = bytearray()  # 32 bytes a block, zeros until its id is known
         self._pending = 0
         self._closed = False
 
@@ -267,7 +268,7 @@ class FileBuilder:
 
         def on_done(results: list[BlockResult]) -> None:
             for i, result in enumerate(results):
-                self._ids[first + i] = result.block_id
+                self._ids[(first + i) * 32 : (first + i + 1) * 32] = result.block_id
                 self._failures.extend(result.checksum_failures)
             self._pending -= 1
             if self._closed and not self._pending:
@@ -279,8 +280,8 @@ class FileBuilder:
 
     def _reserve(self, count: int) -> int:
         """Append count empty slots for block ids; returns the first slot's index."""
-        first = len(self._ids)
-        self._ids.extend([None] * count)
+        first = len(self._ids) // 32
+        self._ids += bytes(32 * count)
         return first
 
     def _check(self, slot: int) -> PageCheck | None:
@@ -293,7 +294,7 @@ class FileBuilder:
         self._pending += 1
 
         def on_done(result: BlockResult) -> None:
-            self._ids[slot] = result.block_id
+            self._ids[slot * 32 : (slot + 1) * 32] = result.block_id
             self._failures.extend(result.checksum_failures)
             self._pending -= 1
             if self._closed and not self._pending:
@@ -303,7 +304,7 @@ class FileBuilder:
 
     def _fill_known(self, slot: int, block_id: bytes) -> None:
         """A block the repository already has (an unchanged block of the parent backup)."""
-        self._ids[slot] = block_id
+        self._ids[slot * 32 : (slot + 1) * 32] = block_id
         self.store.blocks_total += 1
 
     def close(self) -> None:
@@ -316,11 +317,11 @@ class FileBuilder:
             self._complete()
 
     def _complete(self) -> None:
-        ids = [i for i in self._ids if i is not None]
-        assert len(ids) == len(self._ids)
+        ids = bytes(self._ids)
+        self._ids = bytearray()
         if self._failures:
             self.entry.checksum_failures = sorted(self._failures)
-        if len(ids) <= INLINE_BLOCKS:
-            self.entry.blocks = [i.hex() for i in ids]
+        if len(ids) <= INLINE_BLOCKS * 32:
+            self.entry.blocks = [ids[i : i + 32].hex() for i in range(0, len(ids), 32)]
         else:
             self.store.store_blocklist(self.entry, ids)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import zstandard
 
+from pgvault import _accel
 from pgvault.backends.base import Backend, ObjectNotFound
 from pgvault.errors import (
     ConfigError,
@@ -384,11 +385,11 @@ def split_ids(raw: bytes) -> list[bytes]:
     return [raw[i : i + 32] for i in range(0, len(raw), 32)]
 
 
-def encode_delta(base: list[bytes], ids: list[bytes]) -> bytes:
-    out = bytearray(DELTA_COUNT.pack(len(ids)))
-    for pos, block_id in enumerate(ids):
-        if pos >= len(base) or base[pos] != block_id:
-            out += DELTA_ITEM.pack(pos, block_id)
+def encode_delta(base: bytes, ids: bytes) -> bytes:
+    """The delta block list of ids (concatenated) against base (a plain block list)."""
+    out = bytearray(DELTA_COUNT.pack(len(ids) // 32))
+    for pos in _accel.changed_blocks(ids, base[: len(ids)], 32):
+        out += DELTA_ITEM.pack(pos, ids[pos * 32 : pos * 32 + 32])
     return bytes(out)
 
 

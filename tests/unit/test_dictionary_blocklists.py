@@ -114,9 +114,9 @@ def test_delta_encoding_round_trips_and_rejects_damage() -> None:
     rnd = random.Random(9)
     base = [rnd.randbytes(32) for _ in range(50)]
     for ids in (base[:20], base + [rnd.randbytes(32)], [rnd.randbytes(32) if i % 7 == 0 else b for i, b in enumerate(base)]):
-        assert apply_delta(base, encode_delta(base, ids)) == ids
+        assert apply_delta(base, encode_delta(b"".join(base), b"".join(ids))) == ids
     grown = base + [rnd.randbytes(32)]
-    delta = encode_delta(base, grown)
+    delta = encode_delta(b"".join(base), b"".join(grown))
     with pytest.raises(IntegrityError):
         apply_delta(base, delta[:-1])
     with pytest.raises(IntegrityError):
