@@ -6,13 +6,16 @@ sealed and appended to a pack, in the worker pool.
 
 Compression dictionary (docs/FORMAT.md §4a): new blocks are compressed with the repository's
 newest dictionary. A backup into a repository without one samples every SAMPLE_EVERY-th new
-block; once it holds SAMPLE_BYTES it trains a dictionary, stores it, and compresses the rest of
-its blocks with it (or, for a small backup, trains one at the end for the next backup).
+block; once it holds SAMPLE_BYTES it trains a first dictionary, stores it, and compresses the
+rest of its blocks with it. The first blocks of a stream (catalogs, free space maps) are not
+like the rest, so the backup keeps a uniform random sample of all its new blocks and, at the
+end, trains the dictionary that later backups use from that.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -91,8 +94,11 @@ class BlockStore:
         self.zdict = repo.current_dictionary() if codec == codecs.Codec.ZSTD else None
         self._sampling = codec == codecs.Codec.ZSTD and self.zdict is None
         self._samples: list[bytes] = []
+        self._reservoir: list[bytes] = []  # a uniform sample of every new block (algorithm R)
+        self._random = random.Random()
         self._sample_lock = threading.Lock()
         self._new_seen = 0
+        self._early_trained = False
         # (tablespace, path) -> the previous backup's entry: its block list is the base of a delta.
         self._bases: dict[tuple[int | None, str], FileEntry] = {}
 
@@ -102,18 +108,29 @@ class BlockStore:
             self._bases = {(f.tablespace, f.path): f for f in previous.files if f.blocklist is not None}
 
     def _sample(self, data: bytes) -> None:
-        """Worker: keep every SAMPLE_EVERY-th new block; train once there are enough."""
+        """Worker: every SAMPLE_EVERY-th new block goes to the early sample (trained once it is
+        full) and, as a uniform sample of the whole backup, to the reservoir."""
+        samples: list[bytes] | None = None
         with self._sample_lock:
             if not self._sampling:
                 return
             self._new_seen += 1
             if self._new_seen % SAMPLE_EVERY:
                 return
-            self._samples.append(data)
-            if len(self._samples) * self.block_size < SAMPLE_BYTES:
-                return
-            samples, self._samples, self._sampling = self._samples, [], False
-        self._train(samples)  # outside the lock: the other workers go on without a dictionary
+            capacity = SAMPLE_BYTES // self.block_size
+            seen = self._new_seen // SAMPLE_EVERY
+            if len(self._reservoir) < capacity:
+                self._reservoir.append(data)
+            else:
+                slot = self._random.randrange(seen)
+                if slot < capacity:
+                    self._reservoir[slot] = data
+            if self.zdict is None and not self._early_trained:
+                self._samples.append(data)
+                if len(self._samples) >= capacity:
+                    samples, self._samples, self._early_trained = self._samples, [], True
+        if samples is not None:
+            self._train(samples)  # outside the lock: the other workers go on without a dictionary
 
     def _train(self, samples: list[bytes]) -> None:
         """Train, store and start using a dictionary (once per backup)."""
@@ -208,9 +225,9 @@ class BlockStore:
     def finish(self) -> None:
         self.pool.finish()
         with self._sample_lock:
-            samples, self._samples, self._sampling = self._samples, [], False
+            samples, self._reservoir, self._samples, self._sampling = self._reservoir, [], [], False
         if len(samples) >= MIN_SAMPLES:
-            self._train(samples)
+            self._train(samples)  # the dictionary later backups use
         self.packs.flush()
 
 

@@ -70,7 +70,7 @@ def verify_key(stanza: str) -> str:
 DICT_PREFIX = "dicts/"
 
 
-def dict_key(created: int, dict_id: int) -> str:
-    """A compression dictionary (docs/FORMAT.md §4a): creation time first, so a listing is
-    oldest to newest, then the 32-bit id its zstd frames name."""
-    return f"{DICT_PREFIX}{created:010d}-{dict_id:08x}"
+def dict_key(created_us: int, dict_id: int) -> str:
+    """A compression dictionary (docs/FORMAT.md §4a): creation time (Unix microseconds) first,
+    so a listing is oldest to newest, then the 32-bit id its zstd frames name."""
+    return f"{DICT_PREFIX}{created_us:016d}-{dict_id:08x}"

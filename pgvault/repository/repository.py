@@ -210,7 +210,7 @@ class Repository:
         """Store a trained dictionary (before any block that uses it); None if its id is taken."""
         if dict_id in self._list_dictionaries():
             return None
-        key = layout.dict_key(int(time.time()), dict_id)
+        key = layout.dict_key(time.time_ns() // 1000, dict_id)
         if not self.backend.put_if_absent(key, self._seal(Kind.DICT, key, raw)):
             return None
         self._dict_keys = None
