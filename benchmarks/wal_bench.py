@@ -187,6 +187,9 @@ def main() -> None:
                     run([engine.exe, f"--config={conf}", "--stanza=bench", "restore", f"--pg1-path={target}"])
                 record(engine.name, "recovery_wall_s", recover(args.pg, target, work))
                 shutil.rmtree(target, ignore_errors=True)
+        # The push rounds start from empty repositories, so they come after every recovery round.
+        for rnd in range(args.rounds):
+            order = engines if rnd % 2 == 0 else list(reversed(engines))
             for engine in order:
                 fresh_repo(engine)
                 record(engine.name, "sync_push_ms_per_segment", drain(engine, segments, work, False) * 1000 / len(segments))
