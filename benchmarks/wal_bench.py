@@ -161,10 +161,13 @@ def main() -> None:
         server.switch_wal_and_wait_archived(timeout=1800)
         for engine in engines:
             engine.backup("full")
-        # WAL to replay: pgbench until --segments segments have been written.
+        # WAL to replay until --segments segments are written: pgbench (many small records)
+        # alternating with bulk inserts (large records), so generating it does not take long.
         start_lsn = server.psql("select pg_current_wal_lsn()")
+        server.psql("create table filler (id int, t text)")
         while int(server.psql(f"select floor((pg_current_wal_lsn() - '{start_lsn}') / 16777216)")) < args.segments:
-            server.pgbench("-n", "-c", "2", "-T", "10")
+            server.pgbench("-n", "-c", "2", "-T", "5")
+            server.psql("insert into filler select g, md5(g::text) from generate_series(1, 300000) g")
         server.switch_wal_and_wait_archived(timeout=3600)
         segments = sorted(p for p in collected.iterdir() if len(p.name) == 24)[-args.segments :]
 
