@@ -58,8 +58,7 @@ def _backup(opts: Options) -> int:
 def _restore(opts: Options) -> int:
     from pgvault.ops.restore import restore
 
-    with _shared_lock(opts, "restore"):
-        result = restore(opts)
+    result = restore(opts)
     if opts.output == "json":
         _print_json({
             "backup": result.backup_id, "pg_data": result.pg_data, "files": result.files, "bytes": result.bytes,
@@ -96,24 +95,6 @@ def _info(opts: Options) -> int:
     else:
         print(render_text(report))
     return 0
-
-
-def _shared_lock(opts: Options, command: str) -> Any:
-    """A shared repository lock around a command whose ops module does not take one itself
-    (restore): garbage collection must not delete packs while it reads them."""
-    import contextlib
-    import logging
-
-    from pgvault.errors import BackendError
-    from pgvault.ops.common import open_repository
-    from pgvault.repository import locks
-
-    repo = open_repository(opts)
-    try:
-        return locks.hold(repo, locks.LockRequest(command), opts.lock_timeout)
-    except (OSError, BackendError) as exc:  # a read-only repository (a mount, read-only credentials)
-        logging.getLogger(__name__).warning("cannot write a lock into the repository (%s): %s without a lock", exc, command)
-        return contextlib.nullcontext()
 
 
 def _verify(opts: Options) -> int:

@@ -6,6 +6,7 @@ operator starts it, and recovery.signal makes it replay WAL from the archive fir
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -17,11 +18,12 @@ from pathlib import Path
 
 from pgvault.config import Options, repo_option_args
 from pgvault.durable import fsync_dir
-from pgvault.errors import ConfigError, RestoreTargetError
+from pgvault.errors import BackendError, ConfigError, RestoreTargetError
 from pgvault.ops import delta, targets
 from pgvault.ops.common import open_repository
 from pgvault.pg import recovery
 from pgvault.progress import progress
+from pgvault.repository import locks
 from pgvault.repository.manifest import FileEntry, Manifest
 from pgvault.repository.repository import Repository
 
@@ -184,6 +186,20 @@ def restore(opts: Options) -> RestoreResult:
     pg_data = Path(opts.pg_data).absolute()
     target = targets.parse(opts.type, opts.target, opts.target_timeline, opts.target_exclusive)
     repo = open_repository(opts)
+    with _shared_lock(repo, opts.lock_timeout):
+        return _restore(opts, repo, stanza, pg_data, target)
+
+
+def _shared_lock(repo: Repository, timeout: float) -> contextlib.AbstractContextManager[object]:
+    """Garbage collection must not delete packs while a restore reads them."""
+    try:
+        return locks.hold(repo, locks.LockRequest("restore"), timeout)
+    except (OSError, BackendError) as exc:  # a read-only repository (a mount, read-only credentials)
+        log.warning("cannot write a lock into the repository (%s): restoring without a lock", exc)
+        return contextlib.nullcontext()
+
+
+def _restore(opts: Options, repo: Repository, stanza: str, pg_data: Path, target: targets.Target) -> RestoreResult:
     repo.stanza_info(stanza)
     # Everything is validated before the first byte is written.
     manifest, lineage = targets.choose(repo, stanza, target, opts.set)
