@@ -95,7 +95,9 @@ class PgVault:
 class PgBackRest:
     name = "pgbackrest"
 
-    def __init__(self, work: Path, server: PgServer, jobs: int, exe: str) -> None:
+    def __init__(self, work: Path, server: PgServer, jobs: int, exe: str, repo_conf: str | None = None,
+                 block_incremental: bool = True) -> None:
+        """repo_conf: the repo1-* lines (default: a local repository under work)."""
         self.exe = exe
         self.server = server
         self.repo = work / "pgbackrest-repo"
@@ -103,12 +105,14 @@ class PgBackRest:
         self.version = subprocess.run([exe, "version"], capture_output=True, text=True).stdout.strip()
         major, minor = (int(x) for x in self.version.split()[-1].split(".")[:2])
         # Block incremental arrived in 2.45 behind beta=y (which needs bundling).
-        block = "" if (major, minor) < (2, 45) else "repo1-block=y\n" + ("beta=y\n" if (major, minor) == (2, 45) else "")
+        block = "" if (major, minor) < (2, 45) or not block_incremental else \
+            "repo1-block=y\n" + ("beta=y\n" if (major, minor) == (2, 45) else "")
         # As pgBackRest's user guide recommends for speed: zstd, bundling, block incremental,
         # process-max equal to pgvault's --jobs; archive-async off to match pgvault's sync push.
+        repo_lines = repo_conf or f"repo1-path={self.repo}\n"
         self.conf.write_text(
             "[global]\n"
-            f"repo1-path={self.repo}\nrepo1-retention-full=100\nstart-fast=y\n"
+            f"{repo_lines}repo1-retention-full=100\nstart-fast=y\n"
             f"compress-type=zst\ncompress-level=3\nprocess-max={jobs}\nrepo1-bundle=y\n{block}"
             f"log-level-console=warn\nlog-level-file=off\nlock-path={work / 'pgbr-lock'}\nspool-path={work / 'pgbr-spool'}\n"
             "[bench]\n"

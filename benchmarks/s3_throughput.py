@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import bench  # noqa: E402
 from benchmarks.bench import Sample, add_incompressible, timed  # noqa: E402
 from tests.support.emulators import Moto  # noqa: E402
 from tests.support.pgserver import PgServer  # noqa: E402
@@ -191,37 +192,28 @@ class PgVault:
         return timed([*self.base, "restore", f"--pg-data={target}", "--type=none"], self.env)
 
 
-class PgBackRest:
-    name = "pgbackrest"
+class PgBackRest(bench.PgBackRest):
+    """bench.PgBackRest with an S3 repository (through the TLS relay) and full backups only."""
+
     bucket = "bench-pgbackrest"
     wal_dir = "archive"
 
     def __init__(self, work: Path, server: PgServer, jobs: int, port: int, ca: Path, exe: str) -> None:
-        self.exe = exe
-        self.conf = work / "pgbackrest.conf"
-        self.version = subprocess.run([exe, "version"], capture_output=True, text=True).stdout.strip()
-        self.env: dict[str, str] = {}
-        self.conf.write_text(
-            "[global]\n"
-            f"repo1-type=s3\nrepo1-path=/repo\nrepo1-s3-bucket={self.bucket}\nrepo1-s3-endpoint=127.0.0.1\n"
-            f"repo1-storage-port={port}\nrepo1-s3-region=us-east-1\nrepo1-s3-key=bench\nrepo1-s3-key-secret=bench\n"
-            f"repo1-s3-uri-style=path\nrepo1-storage-ca-file={ca}\nrepo1-retention-full=100\n"
-            f"start-fast=y\ncompress-type=zst\ncompress-level=3\nprocess-max={jobs}\nrepo1-bundle=y\n"
-            f"log-level-console=warn\nlog-level-file=off\nlock-path={work / 'pgbr-lock'}\nspool-path={work / 'pgbr-spool'}\n"
-            "[bench]\n"
-            f"pg1-path={server.data_dir}\npg1-port={server.port}\npg1-socket-path={server.socket_dir}\npg1-user=postgres\n"
+        super().__init__(
+            work, server, jobs, exe,
+            repo_conf=(
+                f"repo1-type=s3\nrepo1-path=/repo\nrepo1-s3-bucket={self.bucket}\nrepo1-s3-endpoint=127.0.0.1\n"
+                f"repo1-storage-port={port}\nrepo1-s3-region=us-east-1\nrepo1-s3-key=bench\nrepo1-s3-key-secret=bench\n"
+                f"repo1-s3-uri-style=path\nrepo1-storage-ca-file={ca}\n"
+            ),
+            block_incremental=False,
         )
-
-    def base(self) -> list[str]:
-        return [self.exe, f"--config={self.conf}", "--stanza=bench"]
-
-    def archive_command(self) -> str:
-        return " ".join(self.base()) + " archive-push %p"
+        self.env: dict[str, str] = {}
 
     def setup(self) -> None:
         run([*self.base(), "stanza-create"])
 
-    def backup(self) -> Sample:
+    def backup(self) -> Sample:  # type: ignore[override]
         return timed([*self.base(), "backup", "--type=full"])
 
     def restore(self, target: Path) -> Sample:
