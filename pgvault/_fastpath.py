@@ -6,6 +6,9 @@ file in the spool: this module finds it using only os and sys, before the rest o
 (argparse, the config, the repository) is imported. Anything it cannot settle for certain
 (options in a config file, an option given as two words, no spool entry) goes the normal way.
 
+A synchronous wal-push is settled by pgvault/_walpush.py, which imports only what storing
+one segment in a filesystem repository needs.
+
 Python's own start-up is most of what is left: ``python -S`` skips importing site (and the
 .pth files of every installed package), which main() does only when the fast path misses.
 """
@@ -69,6 +72,14 @@ def main() -> int:
         import site
 
         site.main()
+    if "wal-push" in args:
+        from pgvault import _walpush
+
+        try:
+            if _walpush.push(args, os.environ):
+                return 0
+        except Exception:  # nothing was stored: the full path runs from the start and reports
+            pass
     from pgvault.cli import main as full_main
 
     return full_main(args)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 from pgvault.backends.base import ObjectInfo, ObjectNotFound, Properties
-from pgvault.durable import fsync_dir
+from pgvault.durable import fsync_dir, write_new
 from pgvault.errors import BackendError
 
 
@@ -35,7 +34,7 @@ class FsBackend:
     def _write_temp(self, path: Path, data: bytes | bytearray) -> Path:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f".tmp.{path.name}.{uuid.uuid4().hex}"
+            tmp = path.parent / f".tmp.{path.name}.{os.urandom(16).hex()}"  # uuid costs 8 ms to import
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
             raise BackendError(f"cannot write {path.relative_to(self.root)} in {self.root}: {exc.strerror}") from None
@@ -64,17 +63,10 @@ class FsBackend:
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
-        if path.exists():
-            return False
-        tmp = self._write_temp(path, data)
         try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(path.parent)
-        return True
+            return write_new(str(path), data)
+        except OSError as exc:
+            raise BackendError(f"cannot write {key} in {self.root}: {exc.strerror}") from None
 
     def get(self, key: str) -> bytes:
         try:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
-from pgvault.config import Options
 from pgvault.errors import ClusterMismatchError, ConfigError, WalError
 from pgvault.pg import wal
 
 if TYPE_CHECKING:
+    from pgvault.config import Options
     from pgvault.repository.repository import Repository, StanzaInfo
 
 # The repository (codecs, crypto, backends) is imported only where it is used: an
@@ -56,19 +55,28 @@ def push_file(opts: Options, repo: Repository, info: StanzaInfo, path: Path) -> 
     from pgvault.pipeline.codecs import codec_by_name
 
     name = path.name
+    data = read_wal_file(str(path))
+    check_wal_file(name, data, info.stanza, info.system_id, info.wal_segment_size)
+    return repo.put_wal(info.stanza, name, data, codec_by_name(opts.compress), opts.compress_level)
+
+
+def read_wal_file(path: str) -> bytes:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     except OSError as exc:
         raise WalError(f"cannot read WAL file {path}: {exc.strerror}") from None
+
+
+def check_wal_file(name: str, data: bytes, stanza: str, system_id: str, segment_size: int) -> None:
+    """A segment must have the stanza's segment size and come from the stanza's cluster
+    (shared with the minimal-import path in pgvault/_walpush.py)."""
     if wal.wal_file_kind(name) in ("segment", "partial"):
-        if len(data) != info.wal_segment_size:
-            raise WalError(f"WAL file {name} is {len(data)} bytes, expected {info.wal_segment_size}")
+        if len(data) != segment_size:
+            raise WalError(f"WAL file {name} is {len(data)} bytes, expected {segment_size}")
         sysid = wal.segment_system_id(data[:64])
-        if sysid is not None and str(sysid) != info.system_id:
-            raise ClusterMismatchError(
-                f"WAL file {name} is from system {sysid}, but stanza {info.stanza} is system {info.system_id}"
-            )
-    return repo.put_wal(info.stanza, name, data, codec_by_name(opts.compress), opts.compress_level)
+        if sysid is not None and str(sysid) != system_id:
+            raise ClusterMismatchError(f"WAL file {name} is from system {sysid}, but stanza {stanza} is system {system_id}")
 
 
 def wal_fetch(opts: Options) -> None:

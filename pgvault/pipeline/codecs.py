@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import threading
 from enum import IntEnum
-from typing import Callable
+from typing import Any, Callable
 
-import lz4.block
 import zstandard
 
 from pgvault.errors import ConfigError, IntegrityError
@@ -38,6 +37,16 @@ Dictionaries = Callable[[int], zstandard.ZstdCompressionDict]
 DEFAULT_LEVELS = {Codec.NONE: 0, Codec.ZSTD: 1, Codec.LZ4: 0, Codec.ZSTD_DICT: 1}
 
 _local = threading.local()
+_lz4: Any = None  # lz4.block, imported on first use (6 ms that wal-push with zstd never needs)
+
+
+def _lz4_block() -> Any:
+    global _lz4
+    if _lz4 is None:
+        import lz4.block
+
+        _lz4 = lz4.block
+    return _lz4
 
 
 def codec_by_name(name: str) -> Codec:
@@ -95,7 +104,7 @@ def compress(
         codec = Codec.ZSTD if zdict is None else Codec.ZSTD_DICT
         out = _zstd_compressor(DEFAULT_LEVELS[codec] if level is None else level, zdict).compress(data)
     elif codec == Codec.LZ4:
-        out = lz4.block.compress(data, store_size=False, mode="default")
+        out = _lz4_block().compress(data, store_size=False, mode="default")
     else:
         raise ConfigError(f"unknown codec id {int(codec)}")
     if len(out) >= len(data):
@@ -117,10 +126,14 @@ def decompress(codec: int, data: bytes | memoryview, raw_length: int, dicts: Dic
                 raise IntegrityError(f"object needs compression dictionary {dict_id:08x}, which is not available here")
             out = _zstd_decompressor(dicts(dict_id)).decompress(data, max_output_size=raw_length)
         elif codec == Codec.LZ4:
-            out = lz4.block.decompress(data, uncompressed_size=raw_length)
+            lz4_block = _lz4_block()
+            try:
+                out = lz4_block.decompress(data, uncompressed_size=raw_length)
+            except lz4_block.LZ4BlockError as exc:
+                raise IntegrityError(f"object failed to decompress: {exc}") from None
         else:
             raise IntegrityError(f"object uses unknown codec id {codec}")
-    except (zstandard.ZstdError, lz4.block.LZ4BlockError) as exc:
+    except zstandard.ZstdError as exc:
         raise IntegrityError(f"object failed to decompress: {exc}") from None
     if len(out) != raw_length:
         raise IntegrityError("object decompressed to the wrong length")
