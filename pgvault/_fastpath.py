@@ -46,8 +46,13 @@ def _settled(args: list[str]) -> int | None:
     if not spool or not stanza or "/" in stanza or stanza.startswith("."):
         return None
     if command == "wal-push" and len(positionals) == 1:
-        name = os.path.basename(positionals[0])
-        return 0 if os.path.exists(os.path.join(spool, stanza, "push", name + ".ok")) else None
+        from pgvault.ops.push_queue import push_fast
+
+        try:
+            timeout = float(option("archive-timeout") or 60)
+        except ValueError:
+            return None
+        return push_fast(os.path.join(spool, stanza, "push"), os.path.basename(positionals[0]), timeout)
     if command == "wal-fetch" and len(positionals) == 2 and "/" not in positionals[0]:
         from pgvault.ops.fetch_queue import fetch_fast
 
