@@ -1,6 +1,7 @@
 """WAL and delta-restore benchmark: pgvault against pgBackRest on one cluster, in one run.
 
     python -m benchmarks.wal_bench --pg 15 --segments 64 --rounds 3 [--pgbackrest PATH]
+        [--pgvault-exe PATH] [--phases recovery,push,delta,load]
 
 Measures, alternating the engines each round (A B, then B A) and reporting medians:
   - sync push: milliseconds per 16 MiB segment for one archive_command call each
@@ -11,6 +12,12 @@ Measures, alternating the engines each round (A B, then B A) and reporting media
     archive after a restore, each engine with its asynchronous prefetching fetch;
   - delta restore after --churn of the pages changed: wall time against a fresh restore.
 Run as an unprivileged user (PostgreSQL refuses root).
+
+pgvault's archive_command is started the way the installed console script starts it
+(``python -c 'from pgvault._fastpath import main ...'``, no runpy), importing this checkout
+through PYTHONPATH; --pgvault-exe runs another pgvault instead, e.g. the ``pgvault`` script of a
+venv where a wheel is installed (what users run). restore_command is whatever ``pgvault
+restore`` writes.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -40,10 +48,22 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+# The console script's program (pgvault._fastpath.ENTRY), spelled out so --pgvault-exe can
+# point at a pgvault without this checkout's code.
+CONSOLE_ENTRY = "import sys; from pgvault._fastpath import main; sys.exit(main())"
+VAULT_EXE: list[str] = [sys.executable, "-c", CONSOLE_ENTRY]
+
+
+def vault_wal_command(engine: PgVault) -> list[str]:
+    """engine.base with 'python -m pgvault' replaced by VAULT_EXE."""
+    return [*VAULT_EXE, *engine.base[engine.base.index("-m") + 2 :]]
+
+
 def push_commands(engine: PgVault | PgBackRest, spool: Path, asynchronous: bool, pg_root: Path) -> list[str]:
     extra = ["--compress-level=1"] + (["--archive-async", f"--spool-path={spool}"] if asynchronous else [])
     if isinstance(engine, PgVault):
-        return [*engine.base, *extra, "wal-push"]
+        return [*vault_wal_command(engine), *extra, "wal-push"]
     return [*engine.base(), *extra, f"--pg1-path={pg_root}", "archive-push"]
 
 
@@ -92,7 +112,8 @@ def archive_under_load(engine_kind: str, args: argparse.Namespace, work: Path) -
         PgBackRest(base, server, args.jobs, args.pgbackrest)
     spool = base / "spool"
     if isinstance(engine, PgVault):
-        command = " ".join([*engine.base, "--archive-async", f"--spool-path={spool}", "wal-push %p"])
+        command = " ".join([*map(shlex.quote, vault_wal_command(engine)), "--archive-async", f"--spool-path={spool}",
+                            "wal-push %p"])
     else:
         command = " ".join([*engine.base(), "--archive-async", f"--spool-path={spool}", "archive-push %p"])
     server.init(archive_command=command, extra_conf={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
@@ -131,7 +152,14 @@ def main() -> None:
     parser.add_argument("--pgbackrest", default=shutil.which("pgbackrest") or "")
     parser.add_argument("--load-seconds", type=int, default=60, help="pgbench load with async archiving (0: skip)")
     parser.add_argument("--work", default=None)
+    parser.add_argument("--pgvault-exe", default=None, help="pgvault for archive_command (default: this checkout)")
+    parser.add_argument("--phases", default="recovery,push,delta,load", help="comma-separated subset to run")
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    if args.pgvault_exe:
+        VAULT_EXE[:] = [args.pgvault_exe]
+    else:  # every pgvault that PostgreSQL or this script starts imports this checkout
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
     work = Path(args.work or tempfile.mkdtemp(prefix="pgvault-walbench-", dir="/var/tmp"))
     server = PgServer(args.pg, work / "cluster")
@@ -171,7 +199,7 @@ def main() -> None:
         server.switch_wal_and_wait_archived(timeout=3600)
         segments = sorted(p for p in collected.iterdir() if len(p.name) == 24)[-args.segments :]
 
-        for rnd in range(args.rounds):
+        for rnd in range(args.rounds if "recovery" in phases else 0):
             order = engines if rnd % 2 == 0 else list(reversed(engines))
             # Recovery of the archived WAL, prefetched asynchronously by both engines.
             for engine in order:
@@ -191,7 +219,7 @@ def main() -> None:
                 record(engine.name, "recovery_wall_s", recover(args.pg, target, work))
                 shutil.rmtree(target, ignore_errors=True)
         # The push rounds start from empty repositories, so they come after every recovery round.
-        for rnd in range(args.rounds):
+        for rnd in range(args.rounds if "push" in phases else 0):
             order = engines if rnd % 2 == 0 else list(reversed(engines))
             for engine in order:
                 fresh_repo(engine)
@@ -199,17 +227,18 @@ def main() -> None:
                 fresh_repo(engine)
                 record(engine.name, "async_push_segments_per_s", len(segments) / drain(engine, segments, work, True))
         # Delta restore after churn, against a fresh restore (the repositories were renewed above).
-        for engine in engines:
-            engine.backup("full")
-        stale = {e.name: work / f"delta-{e.name}" for e in engines}
-        for engine in engines:
-            shutil.rmtree(stale[engine.name], ignore_errors=True)
-            engine.restore(stale[engine.name])
-        churn(server, args.scale, args.churn, seed=7)
-        server.psql("checkpoint")
-        for engine in engines:
-            engine.backup("incr")
-        for rnd in range(args.rounds):
+        if "delta" in phases:
+            for engine in engines:
+                engine.backup("full")
+            stale = {e.name: work / f"delta-{e.name}" for e in engines}
+            for engine in engines:
+                shutil.rmtree(stale[engine.name], ignore_errors=True)
+                engine.restore(stale[engine.name])
+            churn(server, args.scale, args.churn, seed=7)
+            server.psql("checkpoint")
+            for engine in engines:
+                engine.backup("incr")
+        for rnd in range(args.rounds if "delta" in phases else 0):
             order = engines if rnd % 2 == 0 else list(reversed(engines))
             for engine in order:
                 fresh = work / f"fresh-{engine.name}"
@@ -224,7 +253,7 @@ def main() -> None:
                 record(engine.name, "delta_restore_wall_s", sample.wall)
     finally:
         server.cleanup()
-    if args.load_seconds:
+    if args.load_seconds and "load" in phases:
         for kind in [e.name for e in engines]:
             for key, value in archive_under_load(kind, args, work).items():
                 record(kind, key, value)
@@ -233,7 +262,8 @@ def main() -> None:
     print(f"pg {args.pg}, {args.segments} segments, scale {args.scale}, churn {args.churn}, jobs {args.jobs}, "
           f"{args.rounds} rounds; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
           f"{platform.machine()}, {os.cpu_count()} cores; "
-          f"{engines[1].version if len(engines) > 1 else 'no pgbackrest'}")  # type: ignore[union-attr]
+          f"{engines[1].version if len(engines) > 1 else 'no pgbackrest'}; "  # type: ignore[union-attr]
+          f"pgvault archive_command: {' '.join(VAULT_EXE[:2])} ...")
     print("\n| metric | " + " | ".join(medians) + " | pgvault / pgbackrest |\n" + "|---" * (len(medians) + 2) + "|")
     for key in sorted({k for m in medians.values() for k in m}):
         row = [f"{medians[e].get(key, float('nan')):.3f}" for e in medians]

@@ -88,3 +88,19 @@ def main() -> int:
     from pgvault.cli import main as full_main
 
     return full_main(args)
+
+
+# What the console script does, as a -c program: `python -S -c ENTRY ARGS...` starts in about
+# half the time of `python -S -m pgvault`, whose runpy import (importlib.util, contextlib,
+# collections, functools) costs 5 ms of a 10 ms start, once per WAL file (measured with
+# -X importtime). For commands pgvault writes for PostgreSQL to run, see self_command().
+ENTRY = "import sys; from pgvault._fastpath import main; sys.exit(main())"
+
+
+def self_command(python: str, package_root: str) -> str:
+    """A shell command that runs this very pgvault without site and without runpy: what
+    restore_command (ops/restore.py) should start with. PYTHONPATH pins this copy of pgvault,
+    since PostgreSQL runs the command from the data directory."""
+    from shlex import quote
+
+    return f"PYTHONPATH={quote(package_root)} {quote(python)} -S -c {quote(ENTRY)}"

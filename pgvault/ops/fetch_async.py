@@ -26,6 +26,8 @@ from pgvault.pg import wal
 log = logging.getLogger(__name__)
 
 LINGER = 2.0  # seconds the prefetcher waits for the next request before it exits
+POLL = 0.005  # seconds between looks at the request file (one small read)
+RESCAN = 0.1  # seconds between queue scans when no request and no fetch changed anything
 
 
 def fetch_async(opts: Options, name: str, target: Path) -> None:
@@ -67,28 +69,37 @@ def upcoming(name: str, count: int, seg_size: int) -> list[str]:
 
 
 def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
-    """Keep the segments after the wanted one queued until no request came for LINGER s."""
+    """Keep the segments after the wanted one queued until no request came for LINGER s.
+
+    Segments are handed to the workers one by one as slots free up (one more queued than
+    there are workers), so a request is looked at every POLL seconds even while fetching.
+    The directory scan runs only when something changed or every RESCAN seconds: restore_command
+    waits on the answer to a request, and the scan competes with replay for the CPU.
+    """
     if not lock.acquire():
-        return
-    from concurrent.futures import ThreadPoolExecutor
+        return  # another prefetcher won the race
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
     from pgvault.ops.common import open_repository  # in the worker only
+
     stanza = opts.require_stanza()
     repo = open_repository(opts)
     info = repo.stanza_info(stanza)
     depth = max(1, opts.archive_get_queue_max * (1 << 20) // info.wal_segment_size)
     absent: dict[str, float] = {}  # segment -> when it was found absent (retry later)
 
-    def fetch(name: str, wanted: str) -> None:
+    def fetch(name: str, answer: bool) -> None:
+        """answer: this look was taken after restore_command asked for name, so absence
+        and errors are its answer (a look from before could miss a file archived since)."""
         try:
             data = repo.get_wal(stanza, name)
         except WalNotFoundError:
-            if name == wanted:
+            if answer:
                 spool.write_status(queue / f"{name}.missing")
             absent[name] = time.monotonic()
             return
         except PgvaultError as exc:
-            if name == wanted:
+            if answer:
                 spool.write_status(queue / f"{name}.error", exc.message)
             log.error("%s: %s", name, exc.message)
             return
@@ -98,32 +109,45 @@ def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
 
     last_request = time.monotonic()
     request = ("", "", "")
+    in_flight: dict[str, Future[None]] = {}
+    next_scan = 0.0
     with ThreadPoolExecutor(max_workers=opts.jobs, thread_name_prefix="pgvault-fetch") as pool:
         while time.monotonic() - last_request < LINGER:
             latest = fetch_queue.read_request(str(queue))
             fresh = latest != request
             if fresh:
                 request, last_request = latest, time.monotonic()
+            finished = [n for n, f in in_flight.items() if f.done()]
+            for name in finished:
+                in_flight.pop(name).result()
             wanted, state, _ = request
-            if not wanted:
-                time.sleep(0.02)
+            if not wanted or not (fresh or finished or time.monotonic() >= next_scan):
+                time.sleep(POLL)
                 continue
+            next_scan = time.monotonic() + RESCAN
             names = upcoming(wanted, depth, info.wal_segment_size)
             keep = set(names)
-            for queued in queue.iterdir():  # segments recovery has moved past
-                if wal.SEGMENT_RE.match(queued.name) and queued.name not in keep:
-                    queued.unlink(missing_ok=True)
+            for queued in os.listdir(queue):  # segments recovery has moved past
+                if wal.SEGMENT_RE.match(queued) and queued not in keep:
+                    (queue / queued).unlink(missing_ok=True)
             if fresh and state == "need" and not (queue / wanted).exists():
-                fetch(wanted, wanted)  # answers this request: the file, .missing or .error
-            todo = []
-            for n in names[1:]:
-                if (queue / n).exists():
+                if wanted in in_flight:  # started before the request: its look does not count
+                    wait([in_flight.pop(wanted)])
+                if not (queue / wanted).exists():
+                    in_flight[wanted] = pool.submit(fetch, wanted, True)
+            slots = opts.jobs + 1 - len(in_flight)
+            now = time.monotonic()
+            for name in names[1:]:
+                if slots <= 0:
+                    break
+                if name in in_flight or (queue / name).exists():
                     continue
-                if time.monotonic() - absent.get(n, -1e9) < 1.0:
+                if now - absent.get(name, -1e9) < 1.0:
                     break  # not archived yet: stop at the first gap, look again shortly
-                todo.append(n)
-            if todo:
-                list(pool.map(lambda n: fetch(n, wanted), todo[: opts.jobs * 4]))
+                in_flight[name] = pool.submit(fetch, name, False)
+                slots -= 1
+            if in_flight:
+                wait(list(in_flight.values()), timeout=POLL, return_when=FIRST_COMPLETED)
             else:
-                time.sleep(0.02)
+                time.sleep(POLL)
     lock.release()
