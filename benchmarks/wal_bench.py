@@ -169,7 +169,11 @@ def main() -> None:
         engines.append(PgBackRest(work, server, args.jobs, args.pgbackrest))
     collected = work / "collected-wal"
     collected.mkdir()
-    archive = " && ".join([*(e.archive_command() for e in engines), f"cp %p {collected}/%f"])
+    archive = " && ".join([
+        *(" ".join([*map(shlex.quote, vault_wal_command(e)), "wal-push %p"]) if isinstance(e, PgVault) else
+          e.archive_command() for e in engines),
+        f"cp %p {collected}/%f",
+    ])
     server.init(archive_command=archive, extra_conf={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
     server.start()
     results: dict[str, dict[str, list[float]]] = {e.name: {} for e in engines}
