@@ -52,7 +52,7 @@ def _pending(wal_dir: Path, out: Path) -> list[str]:
     ready_set = set(ready)
     settled = set()
     for entry in os.listdir(out):
-        base, dot, status = entry.rpartition(".")
+        base, _, status = entry.rpartition(".")
         if status == "ok" and base not in ready_set:
             (out / entry).unlink(missing_ok=True)
         elif status in ("ok", "error"):
