@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--load-seconds", type=int, default=60, help="pgbench load with async archiving (0: skip)")
     parser.add_argument("--work", default=None)
     parser.add_argument("--pgvault-exe", default=None, help="pgvault for archive_command (default: this checkout)")
+    parser.add_argument("--restore-command-c", action="store_true",
+                        help="experiment: rewrite pgvault's restore_command from '-S -m pgvault' to '-S -c ENTRY'")
     parser.add_argument("--phases", default="recovery,push,delta,load", help="comma-separated subset to run")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
@@ -213,6 +215,10 @@ def main() -> None:
                 shutil.rmtree(spool, ignore_errors=True)
                 if isinstance(engine, PgVault):
                     run([*engine.base, "restore", f"--pg-data={target}", "--archive-async", f"--spool-path={spool}"])
+                    if args.restore_command_c:  # try pgvault._fastpath.self_command's form
+                        auto = target / "postgresql.auto.conf"
+                        auto.write_text(auto.read_text().replace(
+                            " -S -m pgvault ", " -S -c " + shlex.quote(CONSOLE_ENTRY).replace("'", "''") + " "))
                 else:
                     # restore_command inherits the config file: one with the async queue on.
                     conf = work / "pgbackrest-async.conf"
