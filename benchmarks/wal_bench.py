@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--pgvault-exe", default=None, help="pgvault for archive_command (default: this checkout)")
     parser.add_argument("--restore-command-c", action="store_true",
                         help="experiment: rewrite pgvault's restore_command from '-S -m pgvault' to '-S -c ENTRY'")
+    parser.add_argument("--restore-command-shell", action="store_true",
+                        help="experiment: restore_command hands queued files over with the shell")
     parser.add_argument("--phases", default="recovery,push,delta,load", help="comma-separated subset to run")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
@@ -219,6 +221,17 @@ def main() -> None:
                         auto = target / "postgresql.auto.conf"
                         auto.write_text(auto.read_text().replace(
                             " -S -m pgvault ", " -S -c " + shlex.quote(CONSOLE_ENTRY).replace("'", "''") + " "))
+                    if args.restore_command_shell:  # try fetch_queue.shell_restore_command
+                        from pgvault.ops.fetch_queue import shell_restore_command
+
+                        auto = target / "postgresql.auto.conf"
+                        lines = auto.read_text().splitlines()
+                        for i, line in enumerate(lines):
+                            if line.startswith("restore_command = '"):
+                                inner = line[len("restore_command = '") : -1].replace("''", "'")
+                                shell = shell_restore_command(str(spool / "bench" / "fetch"), inner)
+                                lines[i] = "restore_command = '" + shell.replace("'", "''") + "'"
+                        auto.write_text("\n".join(lines) + "\n")
                 else:
                     # restore_command inherits the config file: one with the async queue on.
                     conf = work / "pgbackrest-async.conf"

@@ -68,6 +68,19 @@ def upcoming(name: str, count: int, seg_size: int) -> list[str]:
     return [wal.segment_name(tli, segno + i, seg_size) for i in range(count)]
 
 
+def _taken(queue: Path, placed: set[str]) -> str | None:
+    """The newest queued segment that was moved out of the queue by someone else since the
+    last look (recovery takes them in order, so watching the oldest one is enough)."""
+    taken = None
+    while placed:
+        oldest = min(placed)
+        if os.path.exists(queue / oldest):
+            break
+        placed.discard(oldest)
+        taken = oldest
+    return taken
+
+
 def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
     """Keep the segments after the wanted one queued until no request came for LINGER s.
 
@@ -88,38 +101,50 @@ def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
     depth = max(1, opts.archive_get_queue_max * (1 << 20) // info.wal_segment_size)
     absent: dict[str, float] = {}  # segment -> when it was found absent (retry later)
 
-    def fetch(name: str, answer: bool) -> None:
-        """answer: this look was taken after restore_command asked for name, so absence
-        and errors are its answer (a look from before could miss a file archived since)."""
+    def fetch(name: str, answer: bool) -> bool:
+        """Queue one file; True if it was. answer: this look was taken after restore_command
+        asked for name, so absence and errors are its answer (a look from before could miss a
+        file archived since)."""
         try:
             data = repo.get_wal(stanza, name)
         except WalNotFoundError:
             if answer:
                 spool.write_status(queue / f"{name}.missing")
             absent[name] = time.monotonic()
-            return
+            return False
         except PgvaultError as exc:
             if answer:
                 spool.write_status(queue / f"{name}.error", exc.message)
             log.error("%s: %s", name, exc.message)
-            return
+            return False
         tmp = queue / f".{name}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, queue / name)
+        return True
 
     last_request = time.monotonic()
-    request = ("", "", "")
-    in_flight: dict[str, Future[None]] = {}
+    request = seen = ("", "", "")  # the request acted on; the last one read from the want file
+    in_flight: dict[str, Future[bool]] = {}
+    placed: set[str] = set()  # segments this prefetcher queued and has not removed itself
     next_scan = 0.0
     with ThreadPoolExecutor(max_workers=opts.jobs, thread_name_prefix="pgvault-fetch") as pool:
         while time.monotonic() - last_request < LINGER:
             latest = fetch_queue.read_request(str(queue))
-            fresh = latest != request
+            fresh = latest != seen
             if fresh:
-                request, last_request = latest, time.monotonic()
+                request = seen = latest
+            else:
+                taken = _taken(queue, placed)
+                current = request[0]
+                if taken and (not wal.SEGMENT_RE.match(current) or taken > current):
+                    # moved out by fetch_queue.shell_restore_command: recovery is there now
+                    request, fresh = (taken, "got", ""), True
+            if fresh:
+                last_request = time.monotonic()
             finished = [n for n, f in in_flight.items() if f.done()]
             for name in finished:
-                in_flight.pop(name).result()
+                if in_flight.pop(name).result() and wal.SEGMENT_RE.match(name):
+                    placed.add(name)
             wanted, state, _ = request
             if not wanted or not (fresh or finished or time.monotonic() >= next_scan):
                 time.sleep(POLL)
@@ -130,6 +155,7 @@ def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
             for queued in os.listdir(queue):  # segments recovery has moved past
                 if wal.SEGMENT_RE.match(queued) and queued not in keep:
                     (queue / queued).unlink(missing_ok=True)
+                    placed.discard(queued)
             if fresh and state == "need" and not (queue / wanted).exists():
                 if wanted in in_flight:  # started before the request: its look does not count
                     wait([in_flight.pop(wanted)])
