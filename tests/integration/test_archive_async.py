@@ -86,3 +86,51 @@ def test_async_push_reports_failures_and_recovers(
                         f"--spool-path={spool}", check=False)
     assert missing.returncode == 1, missing.stderr
     assert os.stat(spool / "main" / "fetch").st_mode & 0o077 == 0
+
+
+def test_shell_restore_command_hands_queued_segments_over(
+    one_pg_major: int,
+    tmp_path: Path,
+    make_vault: Callable[..., Vault],
+    pg_server_factory: Callable[..., PgServer],
+    pg_wrap_factory: Callable[..., PgServer],
+) -> None:
+    """fetch_queue.shell_restore_command: queued segments go to PostgreSQL by mv alone, the
+    prefetcher follows recovery by noticing them taken, and pgvault itself runs only for the
+    rest (the first file, absent ones); recovery ends with the source's data."""
+    from pgvault.ops.fetch_queue import shell_restore_command
+    from pgvault.pg.recovery import quote
+
+    vault = make_vault()
+    spool = tmp_path / "spool"
+    source = pg_server_factory(one_pg_major, archive_command=f"{vault.command_line()} wal-push %p",
+                               extra_conf={"max_wal_size": "64MB"})
+    vault.run(f"--pg-conninfo={source.conninfo()}", "stanza-create")
+    source.pgbench("-i", "-s", "1", "-q")
+    backup = vault.run(f"--pg-conninfo={source.conninfo()}", "backup").stdout.strip()
+    start = source.psql("select pg_current_wal_lsn()")
+    source.psql("create table big as select g, md5(g::text) from generate_series(1, 800000) g")
+    segments = int(source.psql(f"select floor((pg_current_wal_lsn() - '{start}') / (16 * 1024 * 1024))"))
+    assert segments >= 4, segments
+    source.switch_wal_and_wait_archived()
+    expected = table_digest(source, "big")
+
+    target = tmp_path / "restored"
+    vault.run("restore", f"--set={backup}", f"--pg-data={target}", "--archive-async", f"--spool-path={spool}",
+              "--archive-get-queue-max=64")
+    auto = target / "postgresql.auto.conf"
+    calls = tmp_path / "pgvault-calls"
+    lines = auto.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("restore_command = '"):
+            command = line[len("restore_command = '"):-1].replace("''", "'")
+            shell = shell_restore_command(str(spool / "main" / "fetch"), f"echo %f >> {calls}; {command}")
+            lines[i] = f"restore_command = {quote(shell)}"
+    auto.write_text("\n".join(lines) + "\n")
+    restored = pg_wrap_factory(target, conf={"archive_mode": "off"})
+    restored.wait_for_recovery_end()
+    assert table_digest(restored, "big") == expected
+    started = calls.read_text().split()
+    assert len([n for n in started if len(n) == 24]) < segments, started  # most went by mv
+    log = spool / "main" / "fetch" / "fetcher.log"
+    assert not log.exists() or "Error" not in log.read_text()
