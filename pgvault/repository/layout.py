@@ -70,7 +70,15 @@ def verify_key(stanza: str) -> str:
 DICT_PREFIX = "dicts/"
 
 
-def dict_key(created_us: int, dict_id: int) -> str:
+def dict_key(created_us: int, dict_id: int, page_class: str = "") -> str:
     """A compression dictionary (docs/FORMAT.md §4a): creation time (Unix microseconds) first,
-    so a listing is oldest to newest, then the 32-bit id its zstd frames name."""
-    return f"{DICT_PREFIX}{created_us:016d}-{dict_id:08x}"
+    so a listing is oldest to newest, then the page class it is for (omitted for the general
+    class, as in keys written before classes existed), then the 32-bit id its zstd frames name."""
+    middle = f"{page_class}-" if page_class else ""
+    return f"{DICT_PREFIX}{created_us:016d}-{middle}{dict_id:08x}"
+
+
+def dict_class(key: str) -> str:
+    """The page class of a dict_key ("" for the general class)."""
+    parts = key[len(DICT_PREFIX) :].split("-")
+    return parts[1] if len(parts) == 3 else ""

@@ -199,18 +199,17 @@ class Repository:
         self._dicts[dict_id] = zdict
         return zdict
 
-    def current_dictionary(self) -> zstandard.ZstdCompressionDict | None:
-        """The newest dictionary, which new blocks are compressed with; None if there is none."""
-        keys = self._list_dictionaries()
-        if not keys:
-            return None
-        return self.dictionary(next(reversed(keys)))
+    def current_dictionary(self, page_class: str = "") -> zstandard.ZstdCompressionDict | None:
+        """The newest dictionary of a page class, which new blocks of that class are compressed
+        with; None if there is none."""
+        ids = [dict_id for dict_id, key in self._list_dictionaries().items() if layout.dict_class(key) == page_class]
+        return self.dictionary(ids[-1]) if ids else None
 
-    def save_dictionary(self, raw: bytes, dict_id: int) -> zstandard.ZstdCompressionDict | None:
+    def save_dictionary(self, raw: bytes, dict_id: int, page_class: str = "") -> zstandard.ZstdCompressionDict | None:
         """Store a trained dictionary (before any block that uses it); None if its id is taken."""
         if dict_id in self._list_dictionaries():
             return None
-        key = layout.dict_key(time.time_ns() // 1000, dict_id)
+        key = layout.dict_key(time.time_ns() // 1000, dict_id, page_class)
         if not self.backend.put_if_absent(key, self._seal(Kind.DICT, key, raw)):
             return None
         self._dict_keys = None

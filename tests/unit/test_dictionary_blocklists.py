@@ -49,6 +49,7 @@ def manifest_of(entry: FileEntry) -> Manifest:
 @pytest.fixture(params=[None, b"secret"], ids=["plain", "encrypted"])
 def repo(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Repository:
     monkeypatch.setattr(blockstore, "SAMPLE_BYTES", 64 * BLOCK)
+    monkeypatch.setattr(blockstore, "EARLY_SAMPLE_BYTES", 64 * BLOCK)
     return Repository.create(MemoryBackend(), request.param, RepoSettings(BLOCK, 1 << 20))
 
 
@@ -128,3 +129,54 @@ def test_delta_encoding_round_trips_and_rejects_damage() -> None:
 def test_codec_without_dictionary_keeps_plain_zstd() -> None:
     used, _ = codecs.compress(Codec.ZSTD_DICT, b"a" * 1000)
     assert used == Codec.ZSTD
+
+
+def index_like(rnd: random.Random, n: int) -> bytes:
+    """Pages with special space (pd_lower < pd_upper <= pd_special < 8192), as B-tree pages have."""
+    out = bytearray()
+    for _ in range(n):
+        page = bytearray(BLOCK)
+        page[12:18] = (24 + 4 * 300).to_bytes(2, "little") + (BLOCK - 16 - 16 * 300).to_bytes(2, "little") + (BLOCK - 16).to_bytes(2, "little")
+        for i in range(300):
+            key = rnd.randrange(10**6)
+            page[BLOCK - 16 - 16 * (i + 1) : BLOCK - 16 * (i + 1)] = key.to_bytes(8, "little") + b"\x10\x00\x02\x00\x00\x00\x00\x00"
+        out += page
+    return bytes(out)
+
+
+def test_pages_with_special_space_get_a_dictionary_of_their_own(repo: Repository) -> None:
+    rnd = random.Random(3)
+    content = page_like(rnd, 600) + index_like(rnd, 600)
+    entry = store_file(repo, content)
+    keys = [i.key for i in repo.backend.list("dicts/")]
+    special = [k for k in keys if "-s-" in k]
+    assert len(special) == 2 and len(keys) == 4  # early and final, for each class
+    general, index_dict = repo.current_dictionary(), repo.current_dictionary("s")
+    assert general is not None and index_dict is not None
+    assert special[-1].endswith(f"-{index_dict.dict_id():08x}") and general.dict_id() != index_dict.dict_id()
+    fresh = Repository.open(repo.backend, b"secret" if repo.keys.encrypted else None)
+    assert b"".join(fresh.read_blocks(fresh.file_block_ids(entry))) == content
+    # A later backup compresses such pages with the special class's newest dictionary.
+    other = index_like(rnd, 3)
+    entry2 = store_file(fresh, other)
+    for block_id in fresh.file_block_ids(entry2):
+        loc = fresh.index.get(block_id)
+        assert loc is not None
+        header = fresh.backend.get_range(f"packs/{loc.pack[:2]}/{loc.pack}", loc.offset, 64)
+        assert header[6] == Codec.ZSTD_DICT
+        if not fresh.keys.encrypted:  # the frame header is readable in plain repositories
+            assert codecs.frame_dict_id(header[16:]) == index_dict.dict_id()
+    assert b"".join(fresh.read_blocks(fresh.file_block_ids(entry2))) == other
+
+
+def test_page_class_and_dictionary_keys() -> None:
+    from pgvault.repository import layout
+
+    rnd = random.Random(4)
+    assert blockstore.page_class(index_like(rnd, 1)) == "s"
+    assert blockstore.page_class(page_like(rnd, 1)) == ""
+    assert blockstore.page_class(bytes(BLOCK)) == ""  # a new, all-zero page
+    assert blockstore.page_class(b"short") == ""
+    assert layout.dict_class(layout.dict_key(5, 0x9000)) == ""  # keys written before classes
+    assert layout.dict_class(layout.dict_key(5, 0x9000, "s")) == "s"
+    assert layout.dict_key(5, 0x9000, "s").rsplit("-", 1)[1] == "00009000"  # what readers parse
