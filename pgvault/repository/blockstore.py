@@ -107,7 +107,7 @@ class BlockStore:
         self.pool = pool
         self.codec = codec
         self.level = level
-        self.packs = PackWriter(repo.backend, repo.keys, repo.index, repo.settings.pack_size)
+        self.packs = PackWriter(repo.backend, repo.keys, repo.index, repo.settings.pack_size, background=True)
         self.blocks_total = 0
         self.blocks_new = 0
         # One dictionary per page class (docs/FORMAT.md §4a); classes without one are sampled.
@@ -275,6 +275,7 @@ class BlockStore:
             if len(samples) >= MIN_SAMPLES:
                 self._train(samples, cls)  # the dictionary later backups use
         self.packs.flush()
+        self.packs.wait()
 
 
 class _Sampler:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from pgvault.backends.base import Backend
 from pgvault.pipeline import codecs, envelope
@@ -34,10 +35,18 @@ def new_pack_name() -> str:
 class PackWriter:
     """Collects sealed blocks and flushes a pack when it reaches target_size.
 
-    Not thread-safe: one writer per backup, fed from the thread that orders results.
+    Not thread-safe: one writer per backup, fed from the thread that orders results (has()
+    may be called from any thread). background=True: a flushed pack is sealed and written by
+    a writer thread while the next one fills (at most one pack in flight, so one more pack
+    buffer of memory). On a first full of pgbench scale 100 the producing thread spent ~0.8 s
+    in flushes (0.1 s per 32 MiB pack written and fsynced, the rest compressing the trailer
+    and index object), time in which it fed the workers nothing. Call wait() at the end.
     """
 
-    def __init__(self, backend: Backend, keys: Keys, index: Index, target_size: int, max_age: float = MAX_AGE) -> None:
+    def __init__(
+        self, backend: Backend, keys: Keys, index: Index, target_size: int, max_age: float = MAX_AGE,
+        background: bool = False,
+    ) -> None:
         self._backend = backend
         self._keys = keys
         self._index = index
@@ -47,11 +56,16 @@ class PackWriter:
         self._buffer = bytearray()
         self._entries: list[tuple[bytes, int, int]] = []
         self._pending: set[bytes] = set()
+        # Ids of the pack being written in the background: replaced, never mutated, so has()
+        # on another thread sees them here or (after the write) in the index.
+        self._flushing: frozenset[bytes] = frozenset()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pgvault-packs") if background else None
+        self._in_flight: Future[None] | None = None
         self.bytes_written = 0
         self.packs_written = 0
 
     def has(self, block_id: bytes) -> bool:
-        return block_id in self._pending or block_id in self._index
+        return block_id in self._pending or block_id in self._flushing or block_id in self._index
 
     def add(self, block_id: bytes, sealed: bytes) -> None:
         if self.has(block_id):
@@ -67,21 +81,45 @@ class PackWriter:
     def flush(self) -> None:
         if not self._entries:
             return
+        buffer, entries = self._buffer, self._entries
+        if self._executor is None:
+            self._write(buffer, entries)
+            self._pending.clear()
+        else:
+            self._wait_in_flight()
+            self._flushing = frozenset(self._pending)
+            self._pending = set()
+            self._in_flight = self._executor.submit(self._write, buffer, entries)
+        self._buffer = bytearray()
+        self._entries = []
+
+    def wait(self) -> None:
+        """Wait for a background write (raising its error) and stop the writer thread."""
+        try:
+            self._wait_in_flight()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+
+    def _wait_in_flight(self) -> None:
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
+            future.result()
+
+    def _write(self, buffer: bytearray, pack_entries: list[tuple[bytes, int, int]]) -> None:
         name = new_pack_name()
-        entries = encode_entries(name, self._entries)
+        entries = encode_entries(name, pack_entries)
         trailer = envelope.seal(
             self._keys, envelope.Kind.PACK_TRAILER, entries, name.encode(), codecs.Codec.ZSTD
         )
-        self._buffer += trailer + TAIL.pack(len(trailer), PACK_MAGIC)
+        buffer += trailer + TAIL.pack(len(trailer), PACK_MAGIC)
         # The buffer itself, not a bytes() copy: a copy doubled peak memory at every flush.
-        self._backend.put(layout.pack_key(name), self._buffer)
+        self._backend.put(layout.pack_key(name), buffer)
         index_obj = envelope.seal(
             self._keys, envelope.Kind.INDEX, entries, layout.index_key(name).encode(), codecs.Codec.ZSTD
         )
         self._backend.put(layout.index_key(name), index_obj)
         self._index.add_pack(name, entries[2 + len(name) :])  # the ENTRY records, past the name
-        self.bytes_written += len(self._buffer) + len(index_obj)
+        self._flushing = frozenset()
+        self.bytes_written += len(buffer) + len(index_obj)
         self.packs_written += 1
-        self._buffer = bytearray()
-        self._entries = []
-        self._pending.clear()
