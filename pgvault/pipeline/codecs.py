@@ -114,7 +114,7 @@ def compress(
 
 def compress_many(
     codec: Codec,
-    blocks: list[bytes],
+    blocks: list[bytes] | list[memoryview],
     level: int | None = None,
     zdict: zstandard.ZstdCompressionDict | None = None,
 ) -> list[tuple[Codec, bytes]]:
@@ -133,7 +133,7 @@ def compress_many(
     out: list[tuple[Codec, bytes]] = []
     for i, block in enumerate(blocks):
         frame = frames[i].tobytes()
-        out.append((Codec.NONE, block) if len(frame) >= len(block) else (used, frame))
+        out.append((Codec.NONE, bytes(block)) if len(frame) >= len(block) else (used, frame))
     return out
 
 

@@ -61,7 +61,7 @@ def seal(
 def seal_many(
     keys: Keys,
     kind: Kind,
-    plaintexts: list[bytes],
+    plaintexts: list[bytes] | list[memoryview],
     contexts: list[bytes],
     codec: codecs.Codec,
     level: int | None = None,

@@ -129,7 +129,7 @@ class BlockStore:
         if previous is not None and previous.block_size == self.block_size:
             self._bases = {(f.tablespace, f.path): f for f in previous.files if f.blocklist is not None}
 
-    def _sample(self, data: bytes, cls: str) -> None:
+    def _sample(self, data: bytes | memoryview, cls: str) -> None:
         """Worker: offer a new block to its class's sampler; train that class's first
         dictionary when its early sample is full."""
         sampler = self._samplers.get(cls)
@@ -191,7 +191,7 @@ class BlockStore:
                 failures.append(blkno)
         return failures
 
-    def _seal_chunk(self, chunk: bytes, check: PageCheck | None) -> ChunkResult:
+    def _seal_chunk(self, chunk: memoryview, check: PageCheck | None) -> ChunkResult:
         """Worker: consecutive blocks of one file as one task. Page checksums, content ids,
         and the sealed blocks the repository lacks, compressed in one call: every call that
         releases the GIL costs a worker a wait for the producing thread (see
@@ -204,9 +204,9 @@ class BlockStore:
         sealed: list[bytes | None] = [None] * len(ids)
         by_class: dict[str, list[int]] = {}
         for i in new:
-            by_class.setdefault(page_class(chunk, i * size), []).append(i)
+            by_class.setdefault(page_class(view, i * size), []).append(i)
         for cls, members in by_class.items():
-            blocks = [chunk[i * size : (i + 1) * size] for i in members]
+            blocks = [view[i * size : (i + 1) * size] for i in members]
             if self._sampling:
                 for block in blocks:
                     self._sample(block, cls)
@@ -217,7 +217,7 @@ class BlockStore:
         return ChunkResult(b"".join(ids), sealed, failures)
 
     def submit_chunk(
-        self, chunk: bytes, check: PageCheck | None, on_done: Callable[[ChunkResult], None]
+        self, chunk: memoryview, check: PageCheck | None, on_done: Callable[[ChunkResult], None]
     ) -> None:
         """Whole blocks of one file (the last may be short) as one task of ~256 KiB."""
 
@@ -292,12 +292,13 @@ class _Sampler:
         self.early_done = False
         self._random = random.Random()
 
-    def offer(self, data: bytes, early: bool) -> list[bytes] | None:
+    def offer(self, data: bytes | memoryview, early: bool) -> list[bytes] | None:
         """Returns the early sample when it has just filled up (once)."""
         self.seen += 1
         if self.seen % SAMPLE_EVERY:
             return None
         taken = self.seen // SAMPLE_EVERY
+        data = bytes(data)  # a copy: a view would keep its whole chunk alive
         if len(self.reservoir) < self.capacity:
             self.reservoir.append(data)
         else:
@@ -312,7 +313,7 @@ class _Sampler:
         return None
 
 
-def page_class(data: bytes, offset: int = 0) -> str:
+def page_class(data: bytes | memoryview, offset: int = 0) -> str:
     """The dictionary class of a block: "s" when it starts with a PostgreSQL page that has
     special space (B-tree and the other index access methods, sequences), "" otherwise (heap,
     free space and visibility maps, non-relation files).
@@ -345,25 +346,29 @@ class FileBuilder:
         self._failures: list[int] = []
         self.block_size = store.block_size
         entry.block_size = self.block_size
-        self._buffer = bytearray()
+        self._parts: list[memoryview] = []  # stream pieces not yet submitted, under one chunk
+        self._size = 0
         self._ids = bytearray()  # 32 bytes a block, zeros until its id is known
         self._pending = 0
         self._closed = False
 
     def write(self, data: memoryview) -> None:
-        buf = self._buffer
-        if not buf and len(data) >= CHUNK_BYTES:
-            # Fast path: whole chunks straight from the stream buffer (one copy).
-            whole = len(data) - len(data) % CHUNK_BYTES
-            for pos in range(0, whole, CHUNK_BYTES):
-                self._submit(bytes(data[pos : pos + CHUNK_BYTES]))
-            data = data[whole:]
-        buf += data
-        while len(buf) >= CHUNK_BYTES:
-            self._submit(bytes(buf[:CHUNK_BYTES]))
-            del buf[:CHUNK_BYTES]
+        """Collect stream pieces (references, no copy) until a chunk is full, then join them:
+        one copy per byte. Copying into a bytearray and slicing chunks out of it cost three
+        (0.5-0.9 s of the producing thread's time per 1.5 GB)."""
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size < CHUNK_BYTES:
+            return
+        joined = memoryview(b"".join(self._parts))
+        whole = len(joined) - len(joined) % CHUNK_BYTES
+        for pos in range(0, whole, CHUNK_BYTES):
+            self._submit(joined[pos : pos + CHUNK_BYTES])
+        rest = joined[whole:]
+        self._parts = [rest] if len(rest) else []
+        self._size = len(rest)
 
-    def _submit(self, chunk: bytes) -> None:
+    def _submit(self, chunk: memoryview) -> None:
         """Hand a chunk of whole blocks (the file's last may be short) to the pool."""
         first = self._reserve(-(-len(chunk) // self.block_size))
         self._pending += 1
@@ -407,9 +412,9 @@ class FileBuilder:
         self.store.blocks_total += 1
 
     def close(self) -> None:
-        if self._buffer:
-            self._submit(bytes(self._buffer))
-            self._buffer = bytearray()
+        if self._size:
+            self._submit(memoryview(b"".join(self._parts)))
+            self._parts, self._size = [], 0
         self._closed = True
         if not self._pending:
             self._complete()
