@@ -448,7 +448,7 @@ def index_find(bytes data, bytes starts, int bits, bytes block_id) -> int:
 # ==========================================================================================
 
 from cpython.buffer cimport PyBUF_WRITABLE
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport qsort
 
 cdef extern from *:
@@ -895,3 +895,16 @@ def open_blocks(data, uint64_t data_offset, refs, Py_ssize_t first, Py_ssize_t c
         if have_key:
             PyBuffer_Release(&kv)
     return out, spans, faults
+
+
+cdef extern from "<fcntl.h>":
+    int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags) nogil
+    unsigned int SYNC_FILE_RANGE_WRITE
+
+
+def writeback(int fd, int64_t offset, int64_t nbytes) -> None:
+    """Start writing a just-written range of a file to disk without waiting for it
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)), so the fsync at the file's end finds most of it
+    already written. Only a hint: errors are left for that fsync to report."""
+    with nogil:
+        sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgvault import _accel
 from pgvault.config import Options, repo_option_args
 from pgvault.durable import fsync_dir
 from pgvault.errors import BackendError, ConfigError, RestoreTargetError
@@ -134,32 +135,29 @@ def _owner(entry: FileEntry) -> tuple[int, int] | None:
     return entry.uid, entry.gid
 
 
-# Blocks per writev(): 64 x 32 KiB = 2 MiB per system call instead of one call per block.
-WRITE_BATCH = 64
+def _write_all(fd: int, data: bytes) -> int:
+    """write() all of data (one system call per chunk of up to 2 MiB), finishing short writes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
 
 
-def _write_all(fd: int, buffers: list[bytes]) -> int:
-    """writev() every buffer, finishing short writes; returns the bytes written."""
-    total = sum(len(b) for b in buffers)
-    done = os.writev(fd, buffers) if buffers else 0
-    if done < total:
-        rest = memoryview(b"".join(buffers))[done:]
-        while rest:
-            rest = rest[os.write(fd, rest) :]
-    return total
+# Start the disk writes of every WRITEBACK_BYTES a file gets, instead of leaving the whole file
+# to its fsync: the disk then works while we decompress. Without it a scale-100 restore spent
+# a third of its workers' time waiting in fsync of 1 GiB segments written in full before.
+WRITEBACK_BYTES = 8 << 20
 
 
 def _write_file(repo: Repository, path: Path, entry: FileEntry) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    written = 0
+    written = flushed = 0
     try:
-        pending: list[bytes] = []
-        for data in repo.read_blocks(repo.file_block_ids(entry)):
-            pending.append(data)
-            if len(pending) == WRITE_BATCH:
-                written += _write_all(fd, pending)
-                pending = []
-        written += _write_all(fd, pending)
+        for chunk in repo.read_file(repo.file_ids(entry), entry.block_size or repo.settings.block_size):
+            written += _write_all(fd, chunk)
+            if written - flushed >= WRITEBACK_BYTES:
+                _accel.writeback(fd, flushed, written - flushed)
+                flushed = written
         if written != entry.size:
             raise RestoreTargetError(f"{entry.path}: restored {written} bytes, manifest says {entry.size}")
         os.fsync(fd)
