@@ -590,6 +590,48 @@ cdef extern from *:
         return memcmp(x, y, 32);
     }
 
+    /* Sort n REF records (src) into dst by (pack number, offset, length, id): an LSD radix
+       sort of 64-bit keys pack << 40 | offset (bytes where every key agrees are skipped), then
+       records of equal keys (only in a damaged index) by the full comparison. Returns 0, or -1
+       when a key does not fit (offset >= 2**40 or pack >= 2**24: the caller sorts otherwise)
+       or memory is short. ~10x faster than qsort with a comparison callback. */
+    typedef struct { uint64_t key; uint64_t idx; } pgv_kv;
+
+    static int pgv_refs_radix(const unsigned char *src, size_t n, unsigned char *dst)
+    {
+        pgv_kv *a, *b, *t;
+        size_t i, j, count[256];
+        int shift;
+        a = (pgv_kv *) malloc((n ? n : 1) * sizeof(pgv_kv));
+        b = (pgv_kv *) malloc((n ? n : 1) * sizeof(pgv_kv));
+        if (a == NULL || b == NULL) { free(a); free(b); return -1; }
+        for (i = 0; i < n; i++) {
+            uint64_t off = pgv_le64(src + i * 48 + 32);
+            uint32_t pno = pgv_le32(src + i * 48 + 44);
+            if (off >= ((uint64_t) 1 << 40) || pno >= ((uint32_t) 1 << 24)) { free(a); free(b); return -1; }
+            a[i].key = ((uint64_t) pno << 40) | off;
+            a[i].idx = i;
+        }
+        for (shift = 0; shift < 64; shift += 8) {
+            size_t sum = 0;
+            int skip = 0;
+            memset(count, 0, sizeof(count));
+            for (i = 0; i < n; i++) count[(a[i].key >> shift) & 255]++;
+            for (j = 0; j < 256; j++) if (count[j] == n) skip = 1;
+            if (skip) continue;
+            for (j = 0; j < 256; j++) { size_t c = count[j]; count[j] = sum; sum += c; }
+            for (i = 0; i < n; i++) b[count[(a[i].key >> shift) & 255]++] = a[i];
+            t = a; a = b; b = t;
+        }
+        for (i = 0; i < n; i++) memcpy(dst + i * 48, src + a[i].idx * 48, 48);
+        for (i = 0; i < n; i = j) {
+            for (j = i + 1; j < n && a[j].key == a[i].key; j++) ;
+            if (j - i > 1) qsort(dst + i * 48, j - i, 48, pgv_ref_cmp);
+        }
+        free(a); free(b);
+        return 0;
+    }
+
     static int pgv_sodium_ready(void) { return sodium_init() >= 0; }
     """
     enum:
@@ -622,6 +664,7 @@ cdef extern from *:
     void pgv_decompress(ZSTD_DCtx *dctx, pgv_env *e, unsigned char *dst) nogil
     void pgv_frame_dict(pgv_env *e) nogil
     int pgv_ref_cmp(const void *a, const void *b) nogil
+    int pgv_refs_radix(const unsigned char *src, size_t n, unsigned char *dst) nogil
     int pgv_sodium_ready()
 
 if not pgv_sodium_ready():
@@ -718,23 +761,28 @@ def refs_sort(refs) -> bytes:
     cdef Py_ssize_t n, k, m = 0
     cdef bytes out
     cdef char *o
+    cdef int done
     PyObject_GetBuffer(refs, &v, PyBUF_SIMPLE)
     try:
         if v.len % RECORD_SIZE:
             raise ValueError("REF records are 48 bytes")
         n = v.len // RECORD_SIZE
-        out = PyBytes_FromStringAndSize(<char *> v.buf, v.len)
+        out = PyBytes_FromStringAndSize(NULL, v.len)
+        o = PyBytes_AS_STRING(out)
+        with nogil:
+            done = pgv_refs_radix(<const unsigned char *> v.buf, <size_t> n, <unsigned char *> o)
+            if done != 0:
+                memcpy(o, v.buf, <size_t> v.len)
+                qsort(o, <size_t> n, RECORD_SIZE, pgv_ref_cmp)
     finally:
         PyBuffer_Release(&v)
-    o = PyBytes_AS_STRING(out)
     with nogil:
-        qsort(o, <size_t> n, RECORD_SIZE, pgv_ref_cmp)
         for k in range(n):
             if m == 0 or memcmp(o + (m - 1) * RECORD_SIZE, o + k * RECORD_SIZE, RECORD_SIZE) != 0:
                 if m != k:
                     memcpy(o + m * RECORD_SIZE, o + k * RECORD_SIZE, RECORD_SIZE)
                 m += 1
-    return out[: m * RECORD_SIZE]
+    return out[: m * RECORD_SIZE] if m != n else out
 
 
 def refs_runs(refs, Py_ssize_t first, Py_ssize_t count, uint64_t max_bytes, uint64_t max_gap,

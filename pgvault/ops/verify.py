@@ -510,7 +510,7 @@ def _trailer_fault(repo: Repository, pack: str, size: int, indexed: memoryview |
     except (IntegrityError, struct.error) as exc:
         return f"pack {pack}: trailer is unreadable ({exc})", read
     # The writer encodes both from the same entries, so they are usually equal byte for byte.
-    if name != pack or (indexed is None or body != indexed) and _entry_set(body) != _entry_set(indexed):
+    if name != pack or (indexed is None or body.tobytes() != indexed.tobytes()) and _entry_set(body) != _entry_set(indexed):
         return f"pack {pack}: trailer does not match its index object", read
     return None, read
 

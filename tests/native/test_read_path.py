@@ -122,11 +122,15 @@ def test_refs_sort_and_runs(impl: ModuleType) -> None:
     rnd = random.Random(5)
     recs = [REF.pack(rnd.randbytes(32), rnd.randrange(1 << 20) * 16, rnd.randrange(1, 5000), rnd.randrange(3))
             for _ in range(300)]
+    # a damaged index: same pack and offset, other length or id; offsets past 2**40 sort too
+    recs += [REF.pack(rnd.randbytes(32), 4096, rnd.randrange(1, 9), 1) for _ in range(5)]
+    recs += [REF.pack(rnd.randbytes(32), rnd.randrange(1 << 50), 7, 2) for _ in range(3)]
     blob = b"".join(recs + recs[:50])  # duplicates go
     out = impl.refs_sort(blob)
     assert out == pure.refs_sort(blob)
     keyed = sorted(set(recs), key=lambda r: (REF.unpack(r)[3], REF.unpack(r)[1], REF.unpack(r)[2], r[:32]))
     assert out == b"".join(keyed)
+    assert impl.refs_sort(blob[: 48 * 305]) == pure.refs_sort(blob[: 48 * 305])  # no big offsets: radix
     for args in ((0, 300, 1 << 20, 1 << 16, 64), (10, 200, 4096, 0, 3), (0, 0, 100, 0, 1), (299, 1, 1, 0, 1)):
         runs = impl.refs_runs(out, *args)
         assert runs == pure.refs_runs(out, *args)
