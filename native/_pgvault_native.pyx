@@ -625,8 +625,10 @@ cdef extern from *:
         }
         for (i = 0; i < n; i++) memcpy(dst + i * 48, src + a[i].idx * 48, 48);
         for (i = 0; i < n; i = j) {
-            for (j = i + 1; j < n && a[j].key == a[i].key; j++) ;
-            if (j - i > 1) qsort(dst + i * 48, j - i, 48, pgv_ref_cmp);
+            int in_order = 1;
+            for (j = i + 1; j < n && a[j].key == a[i].key; j++)
+                if (in_order && pgv_ref_cmp(dst + (j - 1) * 48, dst + j * 48) > 0) in_order = 0;
+            if (!in_order) qsort(dst + i * 48, j - i, 48, pgv_ref_cmp);  /* duplicates: in order */
         }
         free(a); free(b);
         return 0;
