@@ -30,7 +30,7 @@ from pgvault.pipeline import codecs, crypto, envelope
 from pgvault.pipeline.crypto import Keys
 from pgvault.pipeline.envelope import Kind
 from pgvault.repository import layout
-from pgvault.repository.index import RECORD, Index, Location, decode_body, decode_entries
+from pgvault.repository.index import ID_SIZE, RECORD, Index, Location, decode_body, decode_entries
 from pgvault.repository.manifest import FileEntry, Manifest
 
 REPO_FORMAT = 1
@@ -269,7 +269,18 @@ class Repository:
         xxh3-128, bound to its block id) and decompressed in one native call without the GIL,
         so restore threads run on both cores (per-block Python was ~15% of a restore, and the
         GIL serialised decompression)."""
-        refs = self.locate(ids)
+        view = memoryview(ids)
+        step = self.LOCATE_IDS * ID_SIZE
+        for pos in range(0, len(view), step):
+            yield from self._read_located(self.locate(view[pos : pos + step]), block_size, max_read)
+
+    # Ids located per index call: 8192 (384 KiB of REF records), so a 1 GiB file (131072 blocks
+    # of 8 KiB) does not hold 6 MiB of records per reading thread.
+    LOCATE_IDS = 8192
+
+    def _read_located(
+        self, refs: bytearray, block_size: int, max_read: int
+    ) -> Iterator[tuple[bytes, bytes, bytearray, int]]:
         count = len(refs) // RECORD.size
         per_chunk = max(1, self.CHUNK_BYTES // max(1, block_size))
         key = self.keys.data_key
