@@ -227,6 +227,7 @@ class Verifier:
         refs = self.repo.index.locate_many(blob)
         lengths = memoryview(refs).cast("I")[10 :: RECORD.size // 4]
         if 0 in lengths:  # blocks the index lacks: this backup's fault, and nothing to read
+            self.report.damaged = True
             for k in (k for k, n in enumerate(lengths.tolist()) if n == 0):
                 self.block_faults[number]["blocks missing from the repository index"].append(blob[k * ID_SIZE : (k + 1) * ID_SIZE])
         # Merge into the sorted unique set; records of missing blocks (pack 0, offset 0,
@@ -262,15 +263,20 @@ class Verifier:
             return
         bad = {block_id for ids in self.unattributed.values() for block_id in ids}
         for number, manifest in self.manifests.items():
-            rep = self.report.backups[number]
-            needed = set()
+            needed: set[bytes] = set()
             for entry in _entries(manifest):
-                ids = self._entry_ids(rep, entry)
-                needed.update(block_id for block_id in bad if _has(ids, block_id))
+                needed |= bad.intersection(_split(self._ids_of(entry)))
             for message, ids in self.unattributed.items():
                 hits = [block_id for block_id in ids if block_id in needed]
                 if hits:
                     self.block_faults[number][message].extend(hits)
+
+    def _ids_of(self, entry: FileEntry) -> bytes:
+        """An entry's block ids as _entry_ids finds them, without recording faults again."""
+        try:
+            return self.repo.file_ids(entry) + b"".join(entry.blocklist_ids())
+        except PgvaultError:
+            return b"".join(entry.blocklist_ids())
 
     def _summarize_block_faults(self) -> None:
         for number, faults in sorted(self.block_faults.items()):
@@ -284,11 +290,7 @@ class Verifier:
         """The first few files of a backup that use one of the bad blocks."""
         out: list[str] = []
         for entry in _entries(self.manifests[number]):
-            try:
-                ids = self.repo.file_ids(entry) + b"".join(entry.blocklist_ids())
-            except PgvaultError:
-                ids = b"".join(entry.blocklist_ids())
-            if any(_has(ids, block_id) for block_id in bad):
+            if not bad.isdisjoint(_split(self._ids_of(entry))):
                 out.append(entry.path)
                 if len(out) == EXAMPLES:
                     break
@@ -536,12 +538,8 @@ def _entries_end(body: memoryview) -> int:
     return max((offset + length for _, offset, length in ENTRY.iter_unpack(body)), default=0)
 
 
-def _has(ids: bytes, block_id: bytes) -> bool:
-    """Is block_id one of the 32-byte ids concatenated in ids (not a match across two)?"""
-    pos = ids.find(block_id)
-    while pos >= 0 and pos % ID_SIZE:
-        pos = ids.find(block_id, pos + 1)
-    return pos >= 0
+def _split(ids: bytes) -> list[bytes]:
+    return [ids[i : i + ID_SIZE] for i in range(0, len(ids), ID_SIZE)]
 
 
 def render_text(report: VerifyReport) -> str:
