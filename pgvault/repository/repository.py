@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
@@ -60,6 +61,7 @@ class Repository:
         self.keys = keys
         self.settings = settings
         self._index: Index | None = None
+        self._index_lock = threading.Lock()
         self._dict_keys: dict[int, str] | None = None  # dictionary id -> key, from one listing
         self._dicts: dict[int, zstandard.ZstdCompressionDict] = {}
         # Progress hook: called with the plaintext size of each block read_blocks yields.
@@ -161,8 +163,12 @@ class Repository:
 
     @property
     def index(self) -> Index:
+        # Locked: restore's workers all reach for it at once, and each loaded its own copy
+        # (a scale-300 restore peaked at 105 MB instead of 77 MB).
         if self._index is None:
-            self._index = self._load_index()
+            with self._index_lock:
+                if self._index is None:
+                    self._index = self._load_index()
         return self._index
 
     def _load_index(self) -> Index:
