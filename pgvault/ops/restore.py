@@ -143,10 +143,16 @@ def _write_all(fd: int, data: bytes) -> int:
     return len(data)
 
 
-# Start the disk writes of every WRITEBACK_BYTES a file gets, instead of leaving the whole file
-# to its fsync: the disk then works while we decompress. Without it a scale-100 restore spent
-# a third of its workers' time waiting in fsync of 1 GiB segments written in full before.
+# Durability without stalls. A worker starts the disk writes of every WRITEBACK_BYTES a file gets
+# (sync_file_range), and the files are fsynced only once all are written, SYNC_THREADS at a
+# time, as PostgreSQL's own tools do (initdb, pg_basebackup, pg_rewind: fsync_pgdata at the
+# end). An fsync right after each file held its worker until the disk caught up (a third of
+# the workers' time, scale 100), and ~1000 small files each forced a journal commit of their
+# own; at the end the data is mostly on disk already and concurrent fsyncs share commits.
+# Scale 100 on this machine: 2.81-2.97 s with an fsync per file, 2.65-2.77 s this way (quiet);
+# under load from other processes' I/O, 4.3 s against 2.3-2.7 s.
 WRITEBACK_BYTES = 8 << 20
+SYNC_THREADS = 8
 
 
 def _write_file(repo: Repository, path: Path, entry: FileEntry) -> int:
@@ -160,11 +166,20 @@ def _write_file(repo: Repository, path: Path, entry: FileEntry) -> int:
                 flushed = written
         if written != entry.size:
             raise RestoreTargetError(f"{entry.path}: restored {written} bytes, manifest says {entry.size}")
-        os.fsync(fd)
     finally:
         os.close(fd)
     _set_attributes(path, entry)
     return written
+
+
+def _fsync_file(path: Path) -> None:
+    # Read-only is enough on Linux, and works whatever mode the file was given; a writeback
+    # error nobody has seen yet is reported to this fsync too (Linux >= 4.16).
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _set_attributes(path: Path, entry: FileEntry) -> None:
@@ -308,6 +323,8 @@ def _materialize(
         results = [f.result() for f in [pool.submit(place, e) for e in regular]]
     written = sum(r[0] for r in results)
     compared = sum(r[1] for r in results)
+    with ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="pgvault-sync") as pool:
+        list(pool.map(_fsync_file, [_file_path(root_of(e), e) for e in regular]))
 
     _rewrite_tablespace_map(pg_data, manifest, ts_targets)
     for entry in sorted(directories, key=lambda e: -e.path.count("/")):
