@@ -218,7 +218,7 @@ class Verifier:
             return
         self.manifests[number] = manifest
         rep.wal_start, rep.wal_stop = manifest.start_wal, manifest.stop_wal
-        ids = []
+        ids: list[bytes] = []
         for entry in _entries(manifest):
             rep.files += entry.type == "f"
             ids.append(self._entry_ids(rep, entry))
@@ -228,8 +228,8 @@ class Verifier:
         lengths = memoryview(refs).cast("I")[10 :: RECORD.size // 4]
         if 0 in lengths:  # blocks the index lacks: this backup's fault, and nothing to read
             self.report.damaged = True
-            for k in (k for k, n in enumerate(lengths.tolist()) if n == 0):
-                self.block_faults[number]["blocks missing from the repository index"].append(blob[k * ID_SIZE : (k + 1) * ID_SIZE])
+            missing = dict.fromkeys(blob[k * ID_SIZE : (k + 1) * ID_SIZE] for k, n in enumerate(lengths.tolist()) if n == 0)
+            self.block_faults[number]["blocks missing from the repository index"].extend(missing)
         # Merge into the sorted unique set; records of missing blocks (pack 0, offset 0,
         # length 0) sort first and are dropped.
         merged = _accel.refs_sort(self.refs + refs)
