@@ -373,6 +373,15 @@ class Repository:
         except ObjectNotFound:
             raise WalNotFoundError(f"WAL file {name} is not in the repository") from None
 
+    def authenticate_wal(self, stanza: str, name: str) -> None:
+        """Check a WAL object's tag or checksum over its stored bytes, without decompressing it
+        (verify: any change to what is stored fails here)."""
+        key = layout.wal_key(stanza, name)
+        try:
+            envelope.authenticate(self.keys, self.backend.get(key), key.encode(), Kind.WAL)
+        except ObjectNotFound:
+            raise WalNotFoundError(f"WAL file {name} is not in the repository") from None
+
     def has_wal(self, stanza: str, name: str) -> bool:
         return self.backend.stat(layout.wal_key(stanza, name)) is not None
 
