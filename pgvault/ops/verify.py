@@ -230,15 +230,15 @@ class Verifier:
             ids.append(self._entry_ids(rep, entry))
         blob = b"".join(ids)
         rep.blocks += len(blob) // ID_SIZE
-        refs = self.repo.index.locate_many(blob)
-        lengths = memoryview(refs).cast("I")[10 :: RECORD.size // 4]
-        if 0 in lengths:  # blocks the index lacks: this backup's fault, and nothing to read
+        refs, missing = self.repo.index.locate_many(blob)
+        if missing:  # blocks the index lacks: this backup's fault, and nothing to read
             self.report.damaged = True
-            missing = dict.fromkeys(blob[k * ID_SIZE : (k + 1) * ID_SIZE] for k, n in enumerate(lengths.tolist()) if n == 0)
-            self.block_faults[number]["blocks missing from the repository index"].extend(missing)
+            lengths = memoryview(refs).cast("I")[10 :: RECORD.size // 4].tolist()
+            unindexed = dict.fromkeys(blob[k * ID_SIZE : (k + 1) * ID_SIZE] for k, n in enumerate(lengths) if n == 0)
+            self.block_faults[number]["blocks missing from the repository index"].extend(unindexed)
         # Merge into the sorted unique set; records of missing blocks (pack 0, offset 0,
         # length 0) sort first and are dropped.
-        merged = _accel.refs_sort(self.refs + refs)
+        merged = _accel.refs_sort(self.refs + refs if self.refs else refs)
         skip = 0
         while skip < len(merged) and merged[skip + 40 : skip + 44] == b"\0\0\0\0":
             skip += RECORD.size

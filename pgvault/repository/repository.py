@@ -258,10 +258,9 @@ class Repository:
 
     def locate(self, ids: bytes | bytearray | memoryview) -> bytearray:
         """REF records (index.RECORD) of concatenated block ids; IntegrityError if one is missing."""
-        refs = self.index.locate_many(ids)
-        missing = _missing(refs)
-        if missing is not None:
-            raise IntegrityError(f"block {missing.hex()} is missing from the repository index")
+        refs, missing = self.index.locate_many(ids)
+        if missing:
+            raise IntegrityError(f"block {_first_missing(refs).hex()} is missing from the repository index")
         return refs
 
     def read_chunks(
@@ -510,13 +509,10 @@ def apply_delta_ids(base: bytes, delta: bytes) -> bytes:
     return bytes(ids)
 
 
-def _missing(refs: bytearray) -> bytes | None:
-    """The id of the first REF record with length 0 (a block the index lacks), or None."""
-    lengths = memoryview(refs).cast("I")[10 :: RECORD.size // 4]  # one C-level scan, no objects
-    if 0 not in lengths:
-        return None
-    k = lengths.tolist().index(0)
-    return bytes(refs[k * RECORD.size : k * RECORD.size + 32])
+def _first_missing(refs: bytearray) -> bytes:
+    """The id of the first REF record with length 0 (a block the index lacks)."""
+    k = memoryview(refs).cast("I")[10 :: RECORD.size // 4].tolist().index(0)
+    return bytes(refs[k * RECORD.size : k * RECORD.size + ID_SIZE])
 
 
 _SPANS = struct.Struct("<Q")

@@ -55,3 +55,18 @@ def test_damage_names_block_and_pack() -> None:
     missing = bytes(32)
     with pytest.raises(IntegrityError, match=f"block {missing.hex()} is missing from the repository index"):
         list(repo.read_file(ids[:64] + missing, BLOCK))
+
+
+def test_locate_many_counts_what_the_index_lacks() -> None:
+    from pgvault.repository.index import RECORD, Index
+
+    empty = Index()
+    refs, missing = empty.locate_many(b"\1" * 32 + b"\2" * 32)
+    assert missing == 2 and refs == bytearray(b"\1" * 32 + bytes(16) + b"\2" * 32 + bytes(16))
+    index = Index()
+    index.add_pack("p1", [(b"\3" * 32, 100, 10)])
+    index.add_pack("p2", [(b"\4" * 32, 200, 20)])
+    refs, missing = index.locate_many(b"\4" * 32 + b"\5" * 32 + b"\3" * 32)
+    assert missing == 1
+    records = [RECORD.unpack_from(refs, k * RECORD.size) for k in range(3)]
+    assert [(index.pack_name(r[3]) if r[2] else None, r[1], r[2]) for r in records] == [("p2", 200, 20), (None, 0, 0), ("p1", 100, 10)]
