@@ -3,6 +3,7 @@
 Run as an unprivileged user (PostgreSQL refuses root), e.g. via benchmarks/run.sh:
 
     python -m benchmarks.bench --pg 15 --scale 100 --jobs 2 --rounds 3 [--incompressible-mib 1024]
+    python -m benchmarks.bench --pg 15 --scale 100 --rounds 4 --restore-only   # restore side by side
 
 Engines alternate (A B A B ...) so drift in the machine's load hits both; medians are reported.
 Repository sizes exclude the WAL archive (the same WAL goes to both engines).
@@ -172,6 +173,8 @@ def main() -> None:
     parser.add_argument("--pgbackrest-first", action="store_true",
                         help="start round 0 with pgBackRest (the first full runs once per engine: "
                              "run the benchmark both ways to see the order's effect)")
+    parser.add_argument("--restore-only", action="store_true",
+                        help="take the full and the incremental once (round 1), then only restore in every round")
     args = parser.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="pgvault-bench-", dir="/var/tmp"))
@@ -210,7 +213,8 @@ def main() -> None:
         offset = 1 if args.pgbackrest_first else 0
         for rnd in range(args.rounds):
             order = engines if (rnd + offset) % 2 == 0 else list(reversed(engines))
-            for engine in order:
+            backups = rnd == 0 or not args.restore_only
+            for engine in order if backups else ():
                 before = engine.repo_size()
                 s = engine.backup("full")
                 # The first full stores everything; later fulls re-read and re-hash everything
@@ -220,9 +224,10 @@ def main() -> None:
                 record(engine.name, f"{prefix}_cpu", s.cpu)
                 record(engine.name, f"{prefix}_rss_mb", s.rss_mb)
                 record(engine.name, f"{prefix}_repo_growth_mb", (engine.repo_size() - before) / 2**20)
-            churn(server, args.scale, args.churn, seed=rnd)
-            server.psql("checkpoint;")
-            for engine in order:
+            if backups:
+                churn(server, args.scale, args.churn, seed=rnd)
+                server.psql("checkpoint;")
+            for engine in order if backups else ():
                 before = engine.repo_size()
                 s = engine.backup("incr")
                 record(engine.name, "incr_wall", s.wall)
@@ -233,8 +238,11 @@ def main() -> None:
                 shutil.rmtree(target, ignore_errors=True)
                 s = engine.restore(target)
                 record(engine.name, "restore_wall", s.wall)
+                record(engine.name, "restore_cpu", s.cpu)
                 record(engine.name, "restore_rss_mb", s.rss_mb)
                 shutil.rmtree(target, ignore_errors=True)
+            if not backups:
+                continue
             base = work / "basebackup"
             shutil.rmtree(base, ignore_errors=True)
             s = timed([str(server.bin("pg_basebackup")), "-d", server.conninfo(), "-D", str(base), "-Ft", "-Xfetch", "-cfast"])
@@ -261,6 +269,7 @@ def main() -> None:
         "db_size_mib": round(db_size / 2**20),
         "pgbackrest": engines[1].version if len(engines) > 1 else None,  # type: ignore[union-attr]
         "command": " ".join(sys.argv),
+        "restore_only": args.restore_only,
     }
     print(render(meta, medians))
     if args.json:

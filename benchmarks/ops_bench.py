@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--pgbackrest", default="/usr/bin/pgbackrest")
     parser.add_argument("--work", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--verify-only", action="store_true", help="skip the expire + GC part")
     args = parser.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="pgvault-opsbench-", dir="/var/tmp"))
@@ -81,6 +82,10 @@ def main() -> None:
                 s = timed([*vault.base, "verify", mode])
                 samples.setdefault(f"pgvault_verify{mode.split('=')[0].replace('--', '_')}_wall", []).append(s.wall)
 
+        if args.verify_only:
+            server.cleanup()
+            finish(args, out, samples, db_mib, pgbr)
+            return
         # expire + GC of one backup among ten
         for i in range(args.backups - 1):
             churn(server, args.scale, 0.02, seed=100 + i)
@@ -105,6 +110,11 @@ def main() -> None:
         out["verify_after_expire_exit"] = check.returncode
     finally:
         server.cleanup()
+    finish(args, out, samples, db_mib, pgbr)
+
+
+def finish(args: argparse.Namespace, out: dict[str, object], samples: dict[str, list[float]], db_mib: float,
+           pgbr: PgBackRest) -> None:
     medians = {k: statistics.median(v) for k, v in samples.items()}
     out.update({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -2,7 +2,7 @@
 # Type checkers only find it as pgvault/_native.pyi: see native/build.md.
 # Same interface as pgvault/_pure.py; import both through pgvault._accel.
 
-from typing import Final
+from typing import Any, Callable, Final
 
 from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12 on
 
@@ -31,3 +31,21 @@ def index_merge(a: bytes, a_starts: bytes, b: bytes, b_starts: bytes) -> tuple[b
 
 def index_find(data: bytes, starts: bytes, bits: int, block_id: bytes) -> int:
     """Byte offset of block_id's record in data, or -1."""
+
+# -- the read path (verify, restore); REF records: id[32] | offset u64 | length u32 | pack u32 --
+
+def index_locate(data: bytes, starts: bytes, bits: int, ids: Buffer, out: bytearray) -> int:
+    """Fill out's 48-byte REF records (one per 32-byte id) from one table; returns how many were found."""
+
+def refs_sort(refs: Buffer) -> bytes:
+    """REF records sorted by (pack, offset, length, id), exact duplicates dropped."""
+
+def refs_runs(refs: Buffer, first: int, count: int, max_bytes: int, max_gap: int, max_blocks: int) -> list[tuple[int, int]]:
+    """Runs (start, end) of records that one ranged read of one pack serves."""
+
+def open_blocks(data: Buffer, data_offset: int, refs: Buffer, first: int, count: int, key: bytes | None, kind: int,
+                dicts: Callable[[int], Any] | None, decompress: bool) -> tuple[bytes | None, bytes | None, list[tuple[int, str]]]:
+    """Authenticate (and open) the sealed objects of a ranged read: (plaintexts, u64 spans, faults). Releases the GIL."""
+
+def writeback(fd: int, offset: int, nbytes: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk, without waiting."""

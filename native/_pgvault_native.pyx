@@ -434,3 +434,539 @@ def index_find(bytes data, bytes starts, int bits, bytes block_id) -> int:
         if memcmp(d + r * RECORD_SIZE, idp, ID_SIZE) == 0:
             return r * RECORD_SIZE
     return -1
+
+
+# ==========================================================================================
+# -- the read path (verify, restore): located blocks and whole ranged reads of a pack -------
+# Owned by the read path (pgvault/ops/verify.py, ops/restore.py, repository.read_file).
+# Links libzstd, liblz4 and libsodium and uses xxhash.h inline (setup.py; the -dev packages
+# come from scripts/setup.sh). Same results and fault messages as the twins in pgvault/_pure.py.
+#
+# A located block is a 48-byte REF record, the index's own in-memory record:
+#     id [32] | offset in pack u64 | stored length u32 | pack number u32     (little-endian)
+# with stored length 0 for a block the index lacks.
+# ==========================================================================================
+
+from cpython.buffer cimport PyBUF_WRITABLE
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport qsort
+
+cdef extern from *:
+    """
+    #include <zstd.h>
+    #include <lz4.h>
+    #include <sodium.h>
+    #define XXH_INLINE_ALL
+    #include <xxhash.h>
+
+    #define PGV_SCRATCH 4096  /* stored objects up to this size are hashed in one call */
+
+    /* Status of one envelope, mapped to a message by _fault_message. */
+    enum {
+        PGV_OK = 0, PGV_BEYOND, PGV_SHORT, PGV_MAGIC, PGV_VERSION, PGV_KIND, PGV_ENC_PLAIN_REPO,
+        PGV_PLAIN_ENC_REPO, PGV_CHECKSUM, PGV_AUTH, PGV_KEY_ID, PGV_CODEC, PGV_DECOMPRESS,
+        PGV_LENGTH, PGV_FRAME, PGV_NO_DICT, PGV_DICT_ERROR
+    };
+
+    typedef struct {
+        const unsigned char *payload;   /* compressed bytes (plain repo: in the data read) */
+        uint64_t payload_len;
+        uint64_t raw_len;
+        uint64_t out_pos;
+        int status;
+        int codec;
+        uint64_t param;                 /* the number a message names (version, kind, id) */
+        void *ddict;
+        unsigned char *plain;           /* encrypted: decrypted payload (malloc'd) */
+    } pgv_env;
+
+    static uint64_t pgv_le64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+    static uint32_t pgv_le32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+    /* Check one sealed object against its context (docs/FORMAT.md §2). key: the data key, or
+       NULL in an unencrypted repository. Encrypted payloads are decrypted into e->plain. */
+    static void pgv_authenticate(const unsigned char *s, uint64_t len, const unsigned char *ctx,
+                                 int want_kind, const unsigned char *key, pgv_env *e)
+    {
+        int key_id;
+        e->payload = NULL; e->payload_len = 0; e->raw_len = 0; e->plain = NULL; e->ddict = NULL;
+        if (len < 16) { e->status = PGV_SHORT; return; }
+        if (memcmp(s, "PGVO", 4) != 0) { e->status = PGV_MAGIC; return; }
+        if (s[4] != 1) { e->status = PGV_VERSION; e->param = s[4]; return; }
+        if (want_kind >= 0 && s[5] != want_kind) { e->status = PGV_KIND; e->param = s[5]; return; }
+        e->codec = s[6];
+        key_id = s[7];
+        e->raw_len = pgv_le64(s + 8);
+        if (key_id == 1) {
+            unsigned char aad[16 + 32];
+            unsigned long long mlen = 0;
+            uint64_t blen = len - 16;
+            if (key == NULL) { e->status = PGV_ENC_PLAIN_REPO; return; }
+            if (blen < crypto_aead_xchacha20poly1305_ietf_NPUBBYTES + crypto_aead_xchacha20poly1305_ietf_ABYTES) {
+                e->status = PGV_AUTH; return;
+            }
+            memcpy(aad, s, 16);
+            memcpy(aad + 16, ctx, 32);
+            e->plain = (unsigned char *) malloc(blen ? blen : 1);
+            if (e->plain == NULL) { e->status = PGV_AUTH; return; }
+            if (crypto_aead_xchacha20poly1305_ietf_decrypt(
+                    e->plain, &mlen, NULL, s + 16 + 24, blen - 24, aad, sizeof(aad), s + 16, key) != 0) {
+                free(e->plain); e->plain = NULL;
+                e->status = PGV_AUTH; return;
+            }
+            e->payload = e->plain;
+            e->payload_len = mlen;
+        } else if (key_id == 0) {
+            XXH128_canonical_t c;
+            if (key != NULL) { e->status = PGV_PLAIN_ENC_REPO; return; }
+            if (len - 16 < 16) { e->status = PGV_CHECKSUM; return; }
+            if (len <= PGV_SCRATCH) {
+                /* One-shot over a copy: a streaming state costs more than the copy of a block
+                   (8 KiB blocks store ~400 bytes: 36 -> 20 ms for a scale-100 backup). */
+                unsigned char scratch[PGV_SCRATCH + 32];
+                memcpy(scratch, s, 16);
+                memcpy(scratch + 16, ctx, 32);
+                memcpy(scratch + 48, s + 16, len - 32);
+                XXH128_canonicalFromHash(&c, XXH3_128bits(scratch, len + 16));
+            } else {
+                XXH3_state_t st;
+                XXH3_128bits_reset(&st);
+                XXH3_128bits_update(&st, s, 16);
+                XXH3_128bits_update(&st, ctx, 32);
+                XXH3_128bits_update(&st, s + 16, len - 32);
+                XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+            }
+            if (memcmp(c.digest, s + len - 16, 16) != 0) { e->status = PGV_CHECKSUM; return; }
+            e->payload = s + 16;
+            e->payload_len = len - 32;
+        } else {
+            e->status = PGV_KEY_ID; e->param = key_id; return;
+        }
+        e->status = PGV_OK;
+    }
+
+    /* A ZSTD_DICT payload: the dictionary id its frame header names, into e->param. */
+    static void pgv_frame_dict(pgv_env *e)
+    {
+        if (ZSTD_getFrameContentSize(e->payload, e->payload_len) == ZSTD_CONTENTSIZE_ERROR) {
+            e->status = PGV_FRAME; return;
+        }
+        e->param = ZSTD_getDictID_fromFrame(e->payload, e->payload_len);
+        if (e->param == 0) e->status = PGV_NO_DICT;
+    }
+
+    /* Decompress an authenticated payload to dst (e->raw_len bytes). */
+    static void pgv_decompress(ZSTD_DCtx *dctx, pgv_env *e, unsigned char *dst)
+    {
+        size_t r;
+        int n;
+        switch (e->codec) {
+        case 0:
+            if (e->payload_len != e->raw_len) { e->status = PGV_LENGTH; return; }
+            memcpy(dst, e->payload, e->raw_len);
+            return;
+        case 1:
+        case 3: {
+            unsigned long long cs = ZSTD_getFrameContentSize(e->payload, e->payload_len);
+            if (cs == ZSTD_CONTENTSIZE_ERROR) { e->status = PGV_DECOMPRESS; return; }
+            if (cs != ZSTD_CONTENTSIZE_UNKNOWN && cs != e->raw_len) { e->status = PGV_LENGTH; return; }
+            if (e->codec == 3)
+                r = ZSTD_decompress_usingDDict(dctx, dst, e->raw_len, e->payload, e->payload_len,
+                                               (const ZSTD_DDict *) e->ddict);
+            else
+                r = ZSTD_decompressDCtx(dctx, dst, e->raw_len, e->payload, e->payload_len);
+            if (ZSTD_isError(r)) { e->status = PGV_DECOMPRESS; return; }
+            if (r != e->raw_len) { e->status = PGV_LENGTH; return; }
+            return;
+        }
+        case 2:
+            if (e->payload_len > 0x7fffffff || e->raw_len > 0x7fffffff) { e->status = PGV_DECOMPRESS; return; }
+            n = LZ4_decompress_safe((const char *) e->payload, (char *) dst, (int) e->payload_len, (int) e->raw_len);
+            if (n < 0) { e->status = PGV_DECOMPRESS; return; }
+            if ((uint64_t) n != e->raw_len) { e->status = PGV_LENGTH; return; }
+            return;
+        default:
+            e->status = PGV_CODEC; e->param = e->codec; return;
+        }
+    }
+
+    static int pgv_ref_cmp(const void *a, const void *b)
+    {
+        const unsigned char *x = (const unsigned char *) a, *y = (const unsigned char *) b;
+        uint32_t px = pgv_le32(x + 44), py = pgv_le32(y + 44);
+        uint64_t ox = pgv_le64(x + 32), oy = pgv_le64(y + 32);
+        uint32_t lx = pgv_le32(x + 40), ly = pgv_le32(y + 40);
+        if (px != py) return px < py ? -1 : 1;
+        if (ox != oy) return ox < oy ? -1 : 1;
+        if (lx != ly) return lx < ly ? -1 : 1;
+        return memcmp(x, y, 32);
+    }
+
+    /* Sort n REF records (src) into dst by (pack number, offset, length, id): an LSD radix
+       sort of 64-bit keys pack << 40 | offset (bytes where every key agrees are skipped), then
+       records of equal keys (only in a damaged index) by the full comparison. Returns 0, or -1
+       when a key does not fit (offset >= 2**40 or pack >= 2**24: the caller sorts otherwise)
+       or memory is short. ~10x faster than qsort with a comparison callback. */
+    typedef struct { uint64_t key; uint64_t idx; } pgv_kv;
+
+    static int pgv_refs_radix(const unsigned char *src, size_t n, unsigned char *dst)
+    {
+        pgv_kv *a, *b, *t;
+        size_t i, j, count[256];
+        int shift;
+        a = (pgv_kv *) malloc((n ? n : 1) * sizeof(pgv_kv));
+        b = (pgv_kv *) malloc((n ? n : 1) * sizeof(pgv_kv));
+        if (a == NULL || b == NULL) { free(a); free(b); return -1; }
+        for (i = 0; i < n; i++) {
+            uint64_t off = pgv_le64(src + i * 48 + 32);
+            uint32_t pno = pgv_le32(src + i * 48 + 44);
+            if (off >= ((uint64_t) 1 << 40) || pno >= ((uint32_t) 1 << 24)) { free(a); free(b); return -1; }
+            a[i].key = ((uint64_t) pno << 40) | off;
+            a[i].idx = i;
+        }
+        for (shift = 0; shift < 64; shift += 8) {
+            size_t sum = 0;
+            int skip = 0;
+            memset(count, 0, sizeof(count));
+            for (i = 0; i < n; i++) count[(a[i].key >> shift) & 255]++;
+            for (j = 0; j < 256; j++) if (count[j] == n) skip = 1;
+            if (skip) continue;
+            for (j = 0; j < 256; j++) { size_t c = count[j]; count[j] = sum; sum += c; }
+            for (i = 0; i < n; i++) b[count[(a[i].key >> shift) & 255]++] = a[i];
+            t = a; a = b; b = t;
+        }
+        for (i = 0; i < n; i++) memcpy(dst + i * 48, src + a[i].idx * 48, 48);
+        for (i = 0; i < n; i = j) {
+            int in_order = 1;
+            for (j = i + 1; j < n && a[j].key == a[i].key; j++)
+                if (in_order && pgv_ref_cmp(dst + (j - 1) * 48, dst + j * 48) > 0) in_order = 0;
+            if (!in_order) qsort(dst + i * 48, j - i, 48, pgv_ref_cmp);  /* duplicates: in order */
+        }
+        free(a); free(b);
+        return 0;
+    }
+
+    static int pgv_sodium_ready(void) { return sodium_init() >= 0; }
+    """
+    enum:
+        PGV_OK, PGV_BEYOND, PGV_SHORT, PGV_MAGIC, PGV_VERSION, PGV_KIND, PGV_ENC_PLAIN_REPO
+        PGV_PLAIN_ENC_REPO, PGV_CHECKSUM, PGV_AUTH, PGV_KEY_ID, PGV_CODEC, PGV_DECOMPRESS
+        PGV_LENGTH, PGV_FRAME, PGV_NO_DICT, PGV_DICT_ERROR
+    ctypedef struct pgv_env:
+        const unsigned char *payload
+        uint64_t payload_len
+        uint64_t raw_len
+        uint64_t out_pos
+        int status
+        int codec
+        uint64_t param
+        void *ddict
+        unsigned char *plain
+    ctypedef struct ZSTD_DCtx:
+        pass
+    ctypedef struct ZSTD_DDict:
+        pass
+    ZSTD_DCtx *ZSTD_createDCtx() nogil
+    size_t ZSTD_freeDCtx(ZSTD_DCtx *) nogil
+    ZSTD_DDict *ZSTD_createDDict(const void *buf, size_t size) nogil
+    size_t ZSTD_freeDDict(ZSTD_DDict *) nogil
+    unsigned int ZSTD_getDictID_fromDDict(const ZSTD_DDict *) nogil
+    uint64_t pgv_le64(const unsigned char *p) nogil
+    uint32_t pgv_le32(const unsigned char *p) nogil
+    void pgv_authenticate(const unsigned char *s, uint64_t len, const unsigned char *ctx,
+                          int want_kind, const unsigned char *key, pgv_env *e) nogil
+    void pgv_decompress(ZSTD_DCtx *dctx, pgv_env *e, unsigned char *dst) nogil
+    void pgv_frame_dict(pgv_env *e) nogil
+    int pgv_ref_cmp(const void *a, const void *b) nogil
+    int pgv_refs_radix(const unsigned char *src, size_t n, unsigned char *dst) nogil
+    int pgv_sodium_ready()
+
+if not pgv_sodium_ready():
+    raise ImportError("libsodium failed to initialise")
+
+from pgvault.errors import IntegrityError as _IntegrityError
+
+# Messages as pgvault.pipeline.envelope words them, plus those of whole-run reads (the pure
+# twin, pgvault._pure.open_blocks, uses the same table).
+from pgvault._pure import FAULT_MESSAGES as _MESSAGES
+
+
+cdef str _fault_message(int status, uint64_t param, int kind):
+    return _MESSAGES[status].format(param, kind)
+
+
+cdef class _DecompressionDict:
+    """A ZSTD_DDict made once from a repository dictionary and shared by every thread."""
+    cdef ZSTD_DDict *ddict
+    cdef object source  # the ZstdCompressionDict, kept alive so its id() is not reused
+
+    def __dealloc__(self):
+        if self.ddict != NULL:
+            ZSTD_freeDDict(self.ddict)
+
+
+# id(ZstdCompressionDict) -> _DecompressionDict; a repository caches its dictionaries for its
+# whole life, and there are few (docs/FORMAT.md §4a), so entries are never dropped.
+cdef dict _ddicts = {}
+
+
+cdef _DecompressionDict _ddict_for(object zdict):
+    cdef _DecompressionDict d = _ddicts.get(id(zdict))
+    cdef bytes raw
+    if d is not None and d.source is zdict:
+        return d
+    raw = zdict.as_bytes()
+    d = _DecompressionDict()
+    d.ddict = ZSTD_createDDict(PyBytes_AS_STRING(raw), <size_t> len(raw))
+    if d.ddict == NULL:
+        raise MemoryError()
+    d.source = zdict
+    _ddicts[id(zdict)] = d
+    return d
+
+
+def index_locate(bytes data, bytes starts, int bits, ids, out) -> int:
+    """Look up many ids in one table: out holds one 48-byte REF record per 32-byte id of ids;
+    records whose stored length is still 0 are looked up, and set to the table's record when
+    found, else to the id with offset, length and pack number 0. Returns how many were found."""
+    cdef Py_buffer iv, ov
+    cdef Py_ssize_t n, k, r, found = 0
+    cdef const unsigned char *idp
+    cdef unsigned char *rec
+    cdef const uint32_t *s
+    cdef const char *d = PyBytes_AS_STRING(data)
+    cdef uint32_t b
+    if not 1 <= bits <= 24 or len(starts) != (((<Py_ssize_t> 1) << bits) + 1) * 4:
+        raise ValueError("starts do not match bits")
+    s = <const uint32_t *> PyBytes_AS_STRING(starts)
+    if <Py_ssize_t> s[(<Py_ssize_t> 1) << bits] * RECORD_SIZE != len(data):
+        raise ValueError("starts do not match the records")
+    PyObject_GetBuffer(ids, &iv, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(out, &ov, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if iv.len % ID_SIZE or ov.len != iv.len // ID_SIZE * RECORD_SIZE:
+                raise ValueError("out must hold one 48-byte record per 32-byte id")
+            n = iv.len // ID_SIZE
+            with nogil:
+                for k in range(n):
+                    idp = <const unsigned char *> iv.buf + k * ID_SIZE
+                    rec = <unsigned char *> ov.buf + k * RECORD_SIZE
+                    if pgv_le32(rec + 40) != 0:
+                        continue
+                    b = _prefix(idp) >> (32 - bits)
+                    memcpy(rec, idp, ID_SIZE)
+                    memset(rec + ID_SIZE, 0, RECORD_SIZE - ID_SIZE)
+                    for r in range(s[b], s[b + 1]):
+                        if memcmp(d + r * RECORD_SIZE, idp, ID_SIZE) == 0:
+                            memcpy(rec, d + r * RECORD_SIZE, RECORD_SIZE)
+                            found += 1
+                            break
+        finally:
+            PyBuffer_Release(&ov)
+    finally:
+        PyBuffer_Release(&iv)
+    return found
+
+
+def refs_sort(refs) -> bytes:
+    """REF records sorted by (pack number, offset, length, id), exact duplicates dropped."""
+    cdef Py_buffer v
+    cdef Py_ssize_t n, k, m = 0
+    cdef bytes out
+    cdef char *o
+    cdef int done
+    PyObject_GetBuffer(refs, &v, PyBUF_SIMPLE)
+    try:
+        if v.len % RECORD_SIZE:
+            raise ValueError("REF records are 48 bytes")
+        n = v.len // RECORD_SIZE
+        out = PyBytes_FromStringAndSize(NULL, v.len)
+        o = PyBytes_AS_STRING(out)
+        with nogil:
+            done = pgv_refs_radix(<const unsigned char *> v.buf, <size_t> n, <unsigned char *> o)
+            if done != 0:
+                memcpy(o, v.buf, <size_t> v.len)
+                qsort(o, <size_t> n, RECORD_SIZE, pgv_ref_cmp)
+    finally:
+        PyBuffer_Release(&v)
+    with nogil:
+        for k in range(n):
+            if m == 0 or memcmp(o + (m - 1) * RECORD_SIZE, o + k * RECORD_SIZE, RECORD_SIZE) != 0:
+                if m != k:
+                    memcpy(o + m * RECORD_SIZE, o + k * RECORD_SIZE, RECORD_SIZE)
+                m += 1
+    return out[: m * RECORD_SIZE] if m != n else out
+
+
+def refs_runs(refs, Py_ssize_t first, Py_ssize_t count, uint64_t max_bytes, uint64_t max_gap,
+              Py_ssize_t max_blocks) -> list:
+    """Cut REF records first..first+count-1 into runs (start, end) of records that one ranged
+    read serves: same pack, each beginning at most max_gap bytes after the previous one ends
+    (never before it), spanning at most max_bytes (a longer single block is a run alone) and at
+    most max_blocks records."""
+    cdef Py_buffer v
+    cdef list runs = []
+    cdef Py_ssize_t k, start
+    cdef const unsigned char *p
+    cdef const unsigned char *rec
+    cdef uint64_t run_off = 0, end = 0, off, ln
+    cdef uint32_t pno = 0
+    if max_blocks < 1:
+        raise ValueError("max_blocks must be positive")
+    PyObject_GetBuffer(refs, &v, PyBUF_SIMPLE)
+    try:
+        if v.len % RECORD_SIZE or first < 0 or count < 0 or first + count > v.len // RECORD_SIZE:
+            raise ValueError("records out of range")
+        p = <const unsigned char *> v.buf
+        start = first
+        for k in range(first, first + count):
+            rec = p + k * RECORD_SIZE
+            off = pgv_le64(rec + 32)
+            ln = pgv_le32(rec + 40)
+            if k > start and (pgv_le32(rec + 44) != pno or off < end or off - end > max_gap
+                              or off + ln - run_off > max_bytes or k - start >= max_blocks):
+                runs.append((start, k))
+                start = k
+            if k == start:
+                run_off = off
+                pno = pgv_le32(rec + 44)
+                end = off + ln
+            elif off + ln > end:
+                end = off + ln
+        if count:
+            runs.append((start, first + count))
+    finally:
+        PyBuffer_Release(&v)
+    return runs
+
+
+def open_blocks(data, uint64_t data_offset, refs, Py_ssize_t first, Py_ssize_t count, key,
+                int kind, dicts, bint decompress) -> tuple:
+    """Authenticate (and with decompress, open) the sealed objects REF records first..first+count-1
+    locate in data, a ranged read of their pack starting at pack offset data_offset; each
+    object's context is its record's id. key: the data key, or None (unencrypted repository).
+    dicts: finds a ZSTD_DICT object's dictionary by id (codecs.Dictionaries) or None.
+
+    Returns (out, spans, faults): out, with decompress, the plaintexts one after another (an
+    object that fails to decompress leaves its raw length of zeros), else None; spans, with
+    decompress, count u64 lengths of each object's part of out (0 when it failed
+    authentication), else None; faults, [(record number, message)] in record order. Runs
+    without the GIL except to look up a dictionary."""
+    cdef Py_buffer dv, rv
+    cdef Py_buffer kv
+    cdef const unsigned char *keyp = NULL
+    cdef pgv_env *envs = NULL
+    cdef pgv_env *e
+    cdef Py_ssize_t k
+    cdef const unsigned char *rec
+    cdef uint64_t off, ln, total = 0
+    cdef ZSTD_DCtx *dctx = NULL
+    cdef bytes out = None
+    cdef bytes spans = None
+    cdef unsigned char *o = NULL
+    cdef uint64_t *sp = NULL
+    cdef list faults = []
+    cdef dict found
+    cdef _DecompressionDict dd
+    cdef int have_key = key is not None
+    cdef dict dict_errors = {}
+    if have_key:
+        PyObject_GetBuffer(key, &kv, PyBUF_SIMPLE)
+        if kv.len != 32:
+            PyBuffer_Release(&kv)
+            raise ValueError("the data key is 32 bytes")
+        keyp = <const unsigned char *> kv.buf
+    PyObject_GetBuffer(data, &dv, PyBUF_SIMPLE)
+    PyObject_GetBuffer(refs, &rv, PyBUF_SIMPLE)
+    try:
+        if rv.len % RECORD_SIZE or first < 0 or count < 0 or first + count > rv.len // RECORD_SIZE:
+            raise ValueError("records out of range")
+        envs = <pgv_env *> malloc(<size_t> (count if count else 1) * sizeof(pgv_env))
+        if envs == NULL:
+            raise MemoryError()
+        memset(envs, 0, <size_t> (count if count else 1) * sizeof(pgv_env))
+        with nogil:
+            for k in range(count):
+                rec = <const unsigned char *> rv.buf + (first + k) * RECORD_SIZE
+                e = envs + k
+                off = pgv_le64(rec + 32)
+                ln = pgv_le32(rec + 40)
+                if off < data_offset or off - data_offset + ln > <uint64_t> dv.len:
+                    e.status = PGV_BEYOND
+                    continue
+                pgv_authenticate(<const unsigned char *> dv.buf + (off - data_offset), ln, rec, kind, keyp, e)
+        if decompress:
+            found = {}
+            for k in range(count):
+                e = envs + k
+                if e.status == PGV_OK and e.codec == 3:
+                    pgv_frame_dict(e)
+                if e.status == PGV_OK and e.codec == 3:
+                    if e.param not in found and e.param not in dict_errors:
+                        try:
+                            if dicts is None:
+                                raise _IntegrityError(_fault_message(PGV_NO_DICT, e.param, kind))
+                            found[e.param] = _ddict_for(dicts(e.param))
+                        except _IntegrityError as exc:
+                            dict_errors[e.param] = str(exc)
+                    if e.param in dict_errors:
+                        e.status = PGV_DICT_ERROR
+                    else:
+                        dd = found[e.param]
+                        e.ddict = dd.ddict
+            # Every object that authenticated has its raw length in out, so a caller finds
+            # each one's plaintext from spans alone.
+            spans = PyBytes_FromStringAndSize(NULL, count * 8)
+            sp = <uint64_t *> PyBytes_AS_STRING(spans)
+            for k in range(count):
+                e = envs + k
+                e.out_pos = total
+                sp[k] = e.raw_len if (e.status == PGV_OK or e.status == PGV_DICT_ERROR
+                                      or e.status == PGV_FRAME or e.status == PGV_NO_DICT) else 0
+                total += sp[k]
+            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t> total)
+            o = <unsigned char *> PyBytes_AS_STRING(out)
+            with nogil:
+                dctx = ZSTD_createDCtx()
+                for k in range(count):
+                    e = envs + k
+                    if e.status == PGV_OK:
+                        if dctx == NULL:
+                            e.status = PGV_DECOMPRESS
+                        else:
+                            pgv_decompress(dctx, e, o + e.out_pos)
+                    if e.status != PGV_OK and sp[k]:
+                        memset(o + e.out_pos, 0, sp[k])
+                if dctx != NULL:
+                    ZSTD_freeDCtx(dctx)
+        for k in range(count):
+            e = envs + k
+            if e.status == PGV_DICT_ERROR:
+                faults.append((first + k, dict_errors[e.param]))
+            elif e.status != PGV_OK:
+                faults.append((first + k, _fault_message(e.status, e.param, kind)))
+    finally:
+        if envs != NULL:
+            for k in range(count):
+                if envs[k].plain != NULL:
+                    free(envs[k].plain)
+            free(envs)
+        PyBuffer_Release(&rv)
+        PyBuffer_Release(&dv)
+        if have_key:
+            PyBuffer_Release(&kv)
+    return out, spans, faults
+
+
+cdef extern from "<fcntl.h>":
+    int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags) nogil
+    unsigned int SYNC_FILE_RANGE_WRITE
+
+
+def writeback(int fd, int64_t offset, int64_t nbytes) -> None:
+    """Start writing a just-written range of a file to disk without waiting for it
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)), so the fsync at the file's end finds most of it
+    already written. Only a hint: errors are left for that fsync to report."""
+    with nogil:
+        sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)

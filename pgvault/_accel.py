@@ -2,6 +2,7 @@
 
     from pgvault._accel import checksum_page, verify_pages, block_digests, changed_blocks, IMPL
     from pgvault._accel import index_build, index_merge, index_find
+    from pgvault._accel import index_locate, refs_sort, refs_runs, open_blocks, writeback  # the read path
 
 ``PGVAULT_IMPL`` selects the implementation, read once at first import:
 
@@ -27,6 +28,7 @@ from pgvault.errors import ConfigError
 __all__ = [
     "IMPL", "NATIVE_IMPORT_ERROR", "block_digests", "changed_blocks", "checksum_page", "index_build", "index_find",
     "index_merge", "verify_pages",
+    "index_locate", "open_blocks", "refs_runs", "refs_sort", "writeback",  # the read path
 ]
 
 ENV_VAR = "PGVAULT_IMPL"
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
     from pgvault._pure import (
         IMPL, block_digests, changed_blocks, checksum_page, index_build, index_find, index_merge, verify_pages,
     )
+    from pgvault._pure import index_locate, open_blocks, refs_runs, refs_sort, writeback  # the read path
 else:
     _impl = _select()
     IMPL: str = _impl.IMPL
@@ -75,4 +78,10 @@ else:
     index_build = _impl.index_build
     index_merge = _impl.index_merge
     index_find = _impl.index_find
+    # the read path
+    index_locate = _impl.index_locate
+    refs_sort = _impl.refs_sort
+    refs_runs = _impl.refs_runs
+    open_blocks = _impl.open_blocks
+    writeback = _impl.writeback
     del _impl

@@ -347,3 +347,287 @@ def index_find(data: bytes, starts: bytes, bits: int, block_id: bytes) -> int:
     while pos >= 0 and (pos - lo) % _RECORD:  # a match across two records is not an id
         pos = data.find(block_id, pos + 1, hi)
     return pos
+
+
+# ==========================================================================================
+# -- the read path (verify, restore): located blocks and whole ranged reads of a pack -------
+# Twins of the native section of the same name. A located block is a 48-byte REF record, the
+# index's own in-memory record: id [32] | offset u64 | stored length u32 | pack number u32
+# (little-endian), with stored length 0 for a block the index lacks.
+# ==========================================================================================
+
+_REF = struct.Struct("<32sQII")
+
+# Fault messages of open_blocks by status (the native code reports the same numbers). The
+# envelope's own wording (pipeline/envelope.py) where it has one; {0} is the number the fault
+# names, {1} the expected kind.
+FAULT_MESSAGES = (
+    "",
+    "pack is truncated",  # the object lies beyond the end of the data read
+    "object is truncated",
+    "object has a bad magic number (not a pgvault object)",
+    "object format version {0} is not supported by this pgvault",
+    "object is a {0}, expected {1}",
+    "object is encrypted but the repository is not",
+    "unencrypted object in an encrypted repository",
+    "object checksum mismatch (corrupted)",
+    "object failed authentication (corrupted or tampered)",
+    "object uses unknown key id {0}",
+    "object uses unknown codec id {0}",
+    "object failed to decompress",
+    "object decompressed to the wrong length",
+    "object has a bad zstd frame header",
+    "object needs compression dictionary {0:08x}, which is not available here",
+)
+(_BEYOND, _SHORT, _MAGIC, _VERSION, _KIND, _ENC_PLAIN_REPO, _PLAIN_ENC_REPO, _CHECKSUM, _AUTH, _KEY_ID,
+ _CODEC, _DECOMPRESS, _LENGTH, _FRAME, _NO_DICT) = range(1, 16)
+
+
+class _Fault(Exception):
+    def __init__(self, status: int, param: int = 0) -> None:
+        super().__init__(status, param)
+        self.status = status
+        self.param = param
+
+
+def index_locate(data: bytes, starts: bytes, bits: int, ids: bytes | memoryview, out: bytearray) -> int:
+    """Look up many ids in one table: out holds one 48-byte REF record per 32-byte id of ids;
+    records whose stored length is still 0 are looked up, and set to the table's record when
+    found, else to the id with offset, length and pack number 0. Returns how many were found."""
+    if not 1 <= bits <= 24 or len(starts) != ((1 << bits) + 1) * 4:
+        raise ValueError("starts do not match bits")
+    if array("I", starts[-4:])[0] * _RECORD != len(data):
+        raise ValueError("starts do not match the records")
+    ids = _byte_view(ids)
+    if len(ids) % _ID or len(out) != len(ids) // _ID * _RECORD:
+        raise ValueError("out must hold one 48-byte record per 32-byte id")
+    found = 0
+    for k in range(len(ids) // _ID):
+        rec = k * _RECORD
+        if out[rec + 40 : rec + 44] != b"\0\0\0\0":
+            continue
+        block_id = bytes(ids[k * _ID : k * _ID + _ID])
+        pos = index_find(data, starts, bits, block_id)
+        if pos >= 0:
+            out[rec : rec + _RECORD] = data[pos : pos + _RECORD]
+            found += 1
+        else:
+            out[rec : rec + _RECORD] = block_id + bytes(_RECORD - _ID)
+    return found
+
+
+def refs_sort(refs: bytes | bytearray | memoryview) -> bytes:
+    """REF records sorted by (pack number, offset, length, id), exact duplicates dropped."""
+    view = _byte_view(refs)
+    if len(view) % _RECORD:
+        raise ValueError("REF records are 48 bytes")
+    unique = {bytes(view[i : i + _RECORD]) for i in range(0, len(view), _RECORD)}
+
+    def key(rec: bytes) -> tuple[int, int, int, bytes]:
+        block_id, offset, length, pno = _REF.unpack(rec)
+        return pno, offset, length, block_id
+
+    return b"".join(sorted(unique, key=key))
+
+
+def refs_runs(
+    refs: bytes | bytearray | memoryview, first: int, count: int, max_bytes: int, max_gap: int, max_blocks: int
+) -> list[tuple[int, int]]:
+    """Cut REF records first..first+count-1 into runs (start, end) of records that one ranged
+    read serves: same pack, each beginning at most max_gap bytes after the previous one ends
+    (never before it), spanning at most max_bytes (a longer single block is a run alone) and at
+    most max_blocks records."""
+    if max_blocks < 1:
+        raise ValueError("max_blocks must be positive")
+    view = _byte_view(refs)
+    if len(view) % _RECORD or first < 0 or count < 0 or first + count > len(view) // _RECORD:
+        raise ValueError("records out of range")
+    runs: list[tuple[int, int]] = []
+    start = first
+    run_off = end = pno = 0
+    for k in range(first, first + count):
+        _, off, length, rec_pno = _REF.unpack_from(view, k * _RECORD)
+        if k > start and (rec_pno != pno or off < end or off - end > max_gap
+                          or off + length - run_off > max_bytes or k - start >= max_blocks):
+            runs.append((start, k))
+            start = k
+        if k == start:
+            run_off, pno, end = off, rec_pno, off + length
+        else:
+            end = max(end, off + length)
+    if count:
+        runs.append((start, first + count))
+    return runs
+
+
+def open_blocks(
+    data: bytes | bytearray | memoryview,
+    data_offset: int,
+    refs: bytes | bytearray | memoryview,
+    first: int,
+    count: int,
+    key: bytes | None,
+    kind: int,
+    dicts: object,
+    decompress: bool,
+) -> tuple[bytes | None, bytes | None, list[tuple[int, str]]]:
+    """Authenticate (and with decompress, open) the sealed objects REF records first..first+count-1
+    locate in data, a ranged read of their pack starting at pack offset data_offset; each
+    object's context is its record's id. key: the data key, or None (unencrypted repository).
+    dicts: finds a ZSTD_DICT object's dictionary by id (codecs.Dictionaries) or None.
+
+    Returns (out, spans, faults): out, with decompress, the plaintexts one after another (an
+    object that fails to decompress leaves its raw length of zeros), else None; spans, with
+    decompress, count u64 lengths of each object's part of out (0 when it failed
+    authentication), else None; faults, [(record number, message)] in record order."""
+    import zstandard
+
+    from pgvault.errors import IntegrityError
+
+    view = _byte_view(data)
+    recs = _byte_view(refs)
+    if len(recs) % _RECORD or first < 0 or count < 0 or first + count > len(recs) // _RECORD:
+        raise ValueError("records out of range")
+    if key is not None and len(key) != 32:
+        raise ValueError("the data key is 32 bytes")
+    parts: list[bytes] = []
+    spans = array("Q")
+    faults: list[tuple[int, str]] = []
+    dict_errors: dict[int, str] = {}
+    for k in range(first, first + count):
+        block_id, off, length, _ = _REF.unpack_from(recs, k * _RECORD)
+        raw_length = 0
+        try:
+            if off < data_offset or off - data_offset + length > len(view):
+                raise _Fault(_BEYOND)
+            sealed = view[off - data_offset : off - data_offset + length]
+            codec, payload, raw_length = _authenticate(sealed, block_id, kind, key)
+            if decompress:
+                parts.append(_decompress(codec, payload, raw_length, dicts, dict_errors, zstandard, IntegrityError))
+                spans.append(raw_length)
+        except _Fault as fault:
+            faults.append((k, FAULT_MESSAGES[fault.status].format(fault.param, kind)))
+            if decompress:
+                span = raw_length if fault.status in (_CODEC, _DECOMPRESS, _LENGTH, _FRAME, _NO_DICT) else 0
+                parts.append(bytes(span))
+                spans.append(span)
+        except _DictError as exc:
+            faults.append((k, str(exc)))
+            parts.append(bytes(raw_length))
+            spans.append(raw_length)
+    if not decompress:
+        return None, None, faults
+    return b"".join(parts), spans.tobytes(), faults
+
+
+class _DictError(Exception):
+    """A dictionary lookup failed; the message is the IntegrityError's."""
+
+
+def _authenticate(sealed: memoryview, context: bytes, kind: int, key: bytes | None) -> tuple[int, bytes, int]:
+    import xxhash
+    from nacl import bindings, exceptions
+
+    if len(sealed) < 16:
+        raise _Fault(_SHORT)
+    magic, version, obj_kind, codec, key_id, raw_length = struct.unpack_from("<4sBBBBQ", sealed)
+    if magic != b"PGVO":
+        raise _Fault(_MAGIC)
+    if version != 1:
+        raise _Fault(_VERSION, version)
+    if kind >= 0 and obj_kind != kind:
+        raise _Fault(_KIND, obj_kind)
+    header = bytes(sealed[:16])
+    body = bytes(sealed[16:])
+    if key_id == 1:
+        if key is None:
+            raise _Fault(_ENC_PLAIN_REPO)
+        if len(body) < 24 + 16:
+            raise _Fault(_AUTH)
+        try:
+            payload = bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(body[24:], header + context, body[:24], key)
+        except exceptions.CryptoError:
+            raise _Fault(_AUTH) from None
+    elif key_id == 0:
+        if key is not None:
+            raise _Fault(_PLAIN_ENC_REPO)
+        if len(body) < 16 or xxhash.xxh3_128_digest(header + context + body[:-16]) != body[-16:]:
+            raise _Fault(_CHECKSUM)
+        payload = body[:-16]
+    else:
+        raise _Fault(_KEY_ID, key_id)
+    return codec, payload, raw_length
+
+
+def _decompress(
+    codec: int, payload: bytes, raw_length: int, dicts: object, dict_errors: dict[int, str],
+    zstandard: object, integrity_error: type[Exception],
+) -> bytes:
+    import lz4.block
+
+    zstd = zstandard
+    if codec == 0:
+        if len(payload) != raw_length:
+            raise _Fault(_LENGTH)
+        return payload
+    if codec in (1, 3):
+        zdict = None
+        if codec == 3:
+            try:
+                dict_id = zstd.get_frame_parameters(payload).dict_id  # type: ignore[attr-defined]
+            except zstd.ZstdError:  # type: ignore[attr-defined]
+                raise _Fault(_FRAME) from None
+            if not dict_id:
+                raise _Fault(_NO_DICT, 0)
+            if dict_id not in dict_errors:
+                try:
+                    if dicts is None:
+                        raise integrity_error(FAULT_MESSAGES[_NO_DICT].format(dict_id))
+                    zdict = dicts(dict_id)  # type: ignore[operator]
+                except integrity_error as exc:
+                    dict_errors[dict_id] = str(exc)
+            if dict_id in dict_errors:
+                raise _DictError(dict_errors[dict_id])
+        try:
+            params = zstd.get_frame_parameters(payload)  # type: ignore[attr-defined]
+        except zstd.ZstdError:  # type: ignore[attr-defined]
+            raise _Fault(_DECOMPRESS) from None
+        if params.content_size not in (zstd.CONTENTSIZE_UNKNOWN, raw_length):  # type: ignore[attr-defined]
+            raise _Fault(_LENGTH)
+        dec = zstd.ZstdDecompressor() if zdict is None else zstd.ZstdDecompressor(dict_data=zdict)  # type: ignore[attr-defined]
+        try:
+            out = dec.decompress(payload, max_output_size=raw_length)
+        except zstd.ZstdError:  # type: ignore[attr-defined]
+            raise _Fault(_DECOMPRESS) from None
+    elif codec == 2:
+        try:
+            out = lz4.block.decompress(payload, uncompressed_size=raw_length)
+        except lz4.block.LZ4BlockError:
+            raise _Fault(_DECOMPRESS) from None
+    else:
+        raise _Fault(_CODEC, codec)
+    if len(out) != raw_length:
+        raise _Fault(_LENGTH)
+    return out
+
+
+def writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing a just-written range of a file to disk without waiting for it
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)), so the fsync at the file's end finds most of it
+    already written. Only a hint: errors are left for that fsync to report."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+@lru_cache(maxsize=1)
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn  # type: ignore[no-any-return]

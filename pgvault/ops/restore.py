@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgvault import _accel
 from pgvault.config import Options, repo_option_args
 from pgvault.durable import fsync_dir
 from pgvault.errors import BackendError, ConfigError, RestoreTargetError
@@ -134,39 +135,51 @@ def _owner(entry: FileEntry) -> tuple[int, int] | None:
     return entry.uid, entry.gid
 
 
-# Blocks per writev(): 64 x 32 KiB = 2 MiB per system call instead of one call per block.
-WRITE_BATCH = 64
+def _write_all(fd: int, data: bytes) -> int:
+    """write() all of data (one system call per chunk of up to 2 MiB), finishing short writes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
 
 
-def _write_all(fd: int, buffers: list[bytes]) -> int:
-    """writev() every buffer, finishing short writes; returns the bytes written."""
-    total = sum(len(b) for b in buffers)
-    done = os.writev(fd, buffers) if buffers else 0
-    if done < total:
-        rest = memoryview(b"".join(buffers))[done:]
-        while rest:
-            rest = rest[os.write(fd, rest) :]
-    return total
+# Durability without stalls. A worker starts the disk writes of every WRITEBACK_BYTES a file gets
+# (sync_file_range), and the files are fsynced only once all are written, SYNC_THREADS at a
+# time, as PostgreSQL's own tools do (initdb, pg_basebackup, pg_rewind: fsync_pgdata at the
+# end). An fsync right after each file held its worker until the disk caught up (a third of
+# the workers' time, scale 100), and ~1000 small files each forced a journal commit of their
+# own; at the end the data is mostly on disk already and concurrent fsyncs share commits.
+# Scale 100 on this machine: 2.81-2.97 s with an fsync per file, 2.65-2.77 s this way (quiet);
+# under load from other processes' I/O, 4.3 s against 2.3-2.7 s.
+WRITEBACK_BYTES = 8 << 20
+SYNC_THREADS = 8
 
 
 def _write_file(repo: Repository, path: Path, entry: FileEntry) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    written = 0
+    written = flushed = 0
     try:
-        pending: list[bytes] = []
-        for data in repo.read_blocks(repo.file_block_ids(entry)):
-            pending.append(data)
-            if len(pending) == WRITE_BATCH:
-                written += _write_all(fd, pending)
-                pending = []
-        written += _write_all(fd, pending)
+        for chunk in repo.read_file(repo.file_ids(entry), entry.block_size or repo.settings.block_size):
+            written += _write_all(fd, chunk)
+            if written - flushed >= WRITEBACK_BYTES:
+                _accel.writeback(fd, flushed, written - flushed)
+                flushed = written
         if written != entry.size:
             raise RestoreTargetError(f"{entry.path}: restored {written} bytes, manifest says {entry.size}")
-        os.fsync(fd)
     finally:
         os.close(fd)
     _set_attributes(path, entry)
     return written
+
+
+def _fsync_file(path: Path) -> None:
+    # Read-only is enough on Linux, and works whatever mode the file was given; a writeback
+    # error nobody has seen yet is reported to this fsync too (Linux >= 4.16).
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _set_attributes(path: Path, entry: FileEntry) -> None:
@@ -310,6 +323,8 @@ def _materialize(
         results = [f.result() for f in [pool.submit(place, e) for e in regular]]
     written = sum(r[0] for r in results)
     compared = sum(r[1] for r in results)
+    with ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="pgvault-sync") as pool:
+        list(pool.map(_fsync_file, [_file_path(root_of(e), e) for e in regular]))
 
     _rewrite_tablespace_map(pg_data, manifest, ts_targets)
     for entry in sorted(directories, key=lambda e: -e.path.count("/")):

@@ -183,3 +183,40 @@ def test_progress_line_and_quiet_when_not_a_terminal() -> None:
     loud.add(10)
     loud.close()
     assert "100%" in stream.getvalue()
+
+
+def test_unindexed_truncated_and_mislabelled_blocks() -> None:
+    """Each per-block fault names only the backups that need the block, and its files."""
+    from pgvault.pipeline import codecs, envelope
+    from pgvault.pipeline.envelope import Kind
+
+    # An index object gone: its blocks are missing for the backup that needs them.
+    backend, repo = two_backups()
+    pack = location_of(repo, 3, 50_000).pack  # "new": second backup only
+    backend.delete(layout.index_key(pack))
+    faults = faults_by_backup(run_verify(repo))
+    assert list(faults) == ["20260102-000000F"], faults
+    assert any("blocks missing from the repository index" in f and "files new" in f for f in faults["20260102-000000F"])
+
+    # A pack cut short: the blocks past its end.
+    backend, repo = two_backups()
+    loc = location_of(repo, 2, 50_000)  # "old": first backup only
+    raw = backend.get(layout.pack_key(loc.pack))
+    backend.put(layout.pack_key(loc.pack), raw[: loc.offset + 10])
+    report = run_verify(repo)
+    assert not report.ok and report.error().exit_code == 5  # type: ignore[union-attr]
+    assert any(f"pack {loc.pack} is truncated" in f for f in sum(faults_by_backup(report).values(), []) + report.faults)
+
+    # A block whose envelope is valid for its id but holds other content: only --rehash sees it.
+    backend, repo = two_backups()
+    loc = location_of(repo, 2, 50_000)
+    block_id = repo.keys.block_id(data(2, 50_000)[:4096])
+    forged = envelope.seal(repo.keys, Kind.BLOCK, bytes(4096), block_id, codecs.Codec.NONE)
+    raw = bytearray(backend.get(layout.pack_key(loc.pack)))
+    assert len(forged) == loc.length  # both stored raw (incompressible)
+    raw[loc.offset : loc.offset + loc.length] = forged
+    backend.put(layout.pack_key(loc.pack), bytes(raw))
+    assert run_verify(repo).ok  # authentic envelope: only re-hashing can tell
+    faults = faults_by_backup(run_verify(repo, rehash=True))
+    assert list(faults) == ["20260101-000000F"], faults
+    assert "do not match their ids" in faults["20260101-000000F"][0] and "old" in faults["20260101-000000F"][0]
