@@ -91,6 +91,79 @@ def drain(engine: PgVault | PgBackRest, segments: list[Path], work: Path, asynch
     return time.perf_counter() - start
 
 
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (user, nice, system, irq)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu(pid: str) -> tuple[str, float] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return cmdline, (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuTrace:
+    """During one recovery, the CPU seconds of the startup process and of the engine's helper
+    (pgvault's prefetcher, pgBackRest's async archive-get), sampled from /proc every 0.2 s,
+    plus the whole machine's busy CPU; with py_spy, a profile of the helper."""
+
+    def __init__(self, helper_marks: tuple[str, ...], py_spy: Path | None) -> None:
+        """helper_marks: strings in a helper's command line. pgvault's prefetcher is forked from a
+        restore_command call and has the same command line as the calls, so only processes seen
+        in 3 samples count there; pgBackRest's helpers (archive-get:async/:local) live shortly,
+        and whatever CPU they spend after the last sample is missed: a lower bound."""
+        import threading
+
+        self.min_seen = 1 if any(":" in m for m in helper_marks) else 3
+        self.marks, self.py_spy, self.spy = helper_marks, py_spy, None
+        self.cpu: dict[tuple[str, str], float] = {}
+        self.seen: dict[str, int] = {}  # samples a process was seen in: helpers live long, calls do not
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.2):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                got = _process_cpu(pid)
+                if not got:
+                    continue
+                cmdline, seconds = got
+                kind = "startup" if "startup recovering" in cmdline else \
+                    "helper" if any(m in cmdline for m in self.marks) else None
+                if kind:
+                    self.cpu[(kind, pid)] = seconds
+                    self.seen[pid] = self.seen.get(pid, 0) + 1
+                    if kind == "helper" and self.py_spy and self.spy is None and self.seen[pid] == 3:
+                        self.spy = subprocess.Popen(["py-spy", "record", "--pid", pid, "--nonblocking", "-r", "200",
+                                                     "-f", "raw", "-o", str(self.py_spy)],
+                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self) -> "CpuTrace":
+        self.busy = _busy_seconds()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.busy = _busy_seconds() - self.busy
+        self.stop.set()
+        self.thread.join()
+        if self.spy:
+            self.spy.wait(timeout=30)
+
+    def totals(self) -> dict[str, float]:
+        out = {"machine_busy_cpu_s": self.busy}
+        for kind in ("startup", "helper"):
+            out[f"{kind}_cpu_s"] = sum(v for (k, pid), v in self.cpu.items() if k == kind and self.seen[pid] >= self.min_seen)
+        return out
+
+
 def recover(server_major: int, target: Path, work: Path) -> float:
     """Start a restored cluster and time it until recovery has ended."""
     restored = PgServer.from_data_dir(target, work / f"run-{target.name}", major=server_major, conf={"archive_mode": "off"})
@@ -100,6 +173,28 @@ def recover(server_major: int, target: Path, work: Path) -> float:
     elapsed = time.perf_counter() - start
     restored.stop()
     return elapsed
+
+
+def trace_calls(target: Path, log: Path) -> None:
+    """Wrap restore_command so that every call appends 'start end exit-code file' to log."""
+    auto = target / "postgresql.auto.conf"
+    lines = auto.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("restore_command = '"):
+            inner = line[len("restore_command = '") : -1].replace("''", "'")
+            wrapped = (f"s=$(date +%s.%N); {{ {inner}; }}; rc=$?; "
+                       f"echo \"$s $(date +%s.%N) $rc %f\" >> {shlex.quote(str(log))}; exit $rc")
+            lines[i] = "restore_command = '" + wrapped.replace("'", "''") + "'"
+    auto.write_text("\n".join(lines) + "\n")
+
+
+def summarize_calls(log: Path) -> dict[str, float]:
+    rows = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    spans = sorted((float(e) - float(s)) * 1000 for s, e, _, _ in rows)
+    if not spans:
+        return {}
+    return {"restore_calls": len(spans), "restore_call_ms_sum": sum(spans),
+            "restore_call_ms_median": statistics.median(spans), "restore_call_ms_max": spans[-1]}
 
 
 def archive_under_load(engine_kind: str, args: argparse.Namespace, work: Path) -> dict[str, float]:
@@ -157,6 +252,9 @@ def main() -> None:
                         help="experiment: rewrite pgvault's restore_command from '-S -m pgvault' to '-S -c ENTRY'")
     parser.add_argument("--restore-command-shell", action="store_true",
                         help="experiment: restore_command hands queued files over with the shell")
+    parser.add_argument("--trace", default=None, metavar="DIR",
+                        help="time every restore_command call (adds two date(1) calls to each) and keep the logs in DIR")
+    parser.add_argument("--py-spy", action="store_true", help="with --trace: a py-spy profile of pgvault's prefetcher")
     parser.add_argument("--phases", default="recovery,push,delta,load", help="comma-separated subset to run")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
@@ -239,7 +337,23 @@ def main() -> None:
                         "[global]\n", "[global]\narchive-async=y\narchive-get-queue-max=256MiB\n", 1
                     ).replace(f"spool-path={work / 'pgbr-spool'}", f"spool-path={spool}"))
                     run([engine.exe, f"--config={conf}", "--stanza=bench", "restore", f"--pg1-path={target}"])
-                record(engine.name, "recovery_wall_s", recover(args.pg, target, work))
+                if args.trace:  # instrumented round: its times are not comparable with untraced ones
+                    calls = work / f"calls-{engine.name}-{rnd}.log"
+                    trace_calls(target, calls)
+                    marks = (str(spool),) if isinstance(engine, PgVault) else ("archive-get:async", "archive-get:local")
+                    spy = work / f"spy-{engine.name}-{rnd}.txt" if args.py_spy and isinstance(engine, PgVault) else None
+                    with CpuTrace(marks, spy) as cpu:
+                        record(engine.name, "recovery_wall_s", recover(args.pg, target, work))
+                    for key, value in {**cpu.totals(), **summarize_calls(calls)}.items():
+                        record(engine.name, key, value)
+                    if spy:
+                        shutil.copy(spy, Path(args.trace) / spy.name)
+                    shutil.copy(calls, Path(args.trace) / calls.name)
+                else:
+                    with CpuTrace((str(spool),) if isinstance(engine, PgVault) else ("archive-get:async", "archive-get:local"), None) as cpu:
+                        record(engine.name, "recovery_wall_s", recover(args.pg, target, work))
+                    for key, value in cpu.totals().items():
+                        record(engine.name, key, value)
                 shutil.rmtree(target, ignore_errors=True)
         # The push rounds start from empty repositories, so they come after every recovery round.
         for rnd in range(args.rounds if "push" in phases else 0):

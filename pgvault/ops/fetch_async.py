@@ -17,11 +17,15 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgvault.config import Options
-from pgvault.errors import PgvaultError, WalError, WalNotFoundError
+from pgvault.errors import IntegrityError, PgvaultError, WalError, WalNotFoundError
 from pgvault.ops import fetch_queue, spool
 from pgvault.pg import wal
+
+if TYPE_CHECKING:
+    from pgvault.repository.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,44 @@ def _taken(queue: Path, placed: set[str]) -> str | None:
     return taken
 
 
+CHUNK = 1 << 18  # bytes decompressed per write: stays in the CPU caches, reused for the whole segment
+
+
+def write_wal(repo: Repository, stanza: str, name: str, path: Path) -> None:
+    """Write one archived WAL file to path, decompressing it as a stream.
+
+    What repo.get_wal returns is the whole file built in one fresh 16 MiB buffer (page faults
+    and a pass through memory that evicts the caches) and then copied into the page cache by a
+    second pass. Recovery replays on the other core of two, and replay is memory bound: it
+    measurably slowed down while the prefetcher did that. Decompressing CHUNK bytes at a time
+    into one reused buffer, each written out while still cached, does the same work in a
+    fraction of the memory traffic (what pgBackRest's archive-get does too).
+    """
+    from pgvault.backends.base import ObjectNotFound
+    from pgvault.pipeline import codecs, envelope
+    from pgvault.repository import layout
+
+    key = layout.wal_key(stanza, name)
+    try:
+        sealed = repo.backend.get(key)
+    except ObjectNotFound:
+        raise WalNotFoundError(f"WAL file {name} is not in the repository") from None
+    codec, payload, raw_length = envelope.verified_payload(repo.keys, sealed, key.encode(), envelope.Kind.WAL)
+    with open(path, "wb", buffering=0) as f:
+        if codec == codecs.Codec.ZSTD:
+            import zstandard
+
+            try:
+                with zstandard.ZstdDecompressor().stream_writer(f, write_size=CHUNK, closefd=False) as out:
+                    out.write(payload)
+            except zstandard.ZstdError as exc:
+                raise IntegrityError(f"WAL file {name} failed to decompress: {exc}") from None
+        else:  # other codecs have no streaming form here; WAL is zstd unless configured otherwise
+            f.write(codecs.decompress(codec, payload, raw_length))
+        if f.tell() != raw_length:
+            raise IntegrityError(f"WAL file {name} decompressed to the wrong length")
+
+
 def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
     """Keep the segments after the wanted one queued until no request came for LINGER s.
 
@@ -105,20 +147,21 @@ def run_prefetcher(opts: Options, queue: Path, lock: spool.WorkerLock) -> None:
         """Queue one file; True if it was. answer: this look was taken after restore_command
         asked for name, so absence and errors are its answer (a look from before could miss a
         file archived since)."""
+        tmp = queue / f".{name}.tmp"
         try:
-            data = repo.get_wal(stanza, name)
+            write_wal(repo, stanza, name, tmp)
         except WalNotFoundError:
             if answer:
                 spool.write_status(queue / f"{name}.missing")
             absent[name] = time.monotonic()
             return False
-        except PgvaultError as exc:
+        except (PgvaultError, OSError) as exc:
+            tmp.unlink(missing_ok=True)
+            message = exc.message if isinstance(exc, PgvaultError) else f"cannot write {tmp}: {exc.strerror}"
             if answer:
-                spool.write_status(queue / f"{name}.error", exc.message)
-            log.error("%s: %s", name, exc.message)
+                spool.write_status(queue / f"{name}.error", message)
+            log.error("%s: %s", name, message)
             return False
-        tmp = queue / f".{name}.tmp"
-        tmp.write_bytes(data)
         os.replace(tmp, queue / name)
         return True
 

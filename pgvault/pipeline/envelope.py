@@ -101,6 +101,15 @@ def authenticate(keys: Keys, sealed: bytes | memoryview, context: bytes, kind: K
     _authenticated_payload(keys, sealed, context, kind)
 
 
+def verified_payload(
+    keys: Keys, sealed: bytes | memoryview, context: bytes, kind: Kind | None = None
+) -> tuple[int, bytes | memoryview, int]:
+    """(codec, stored payload, raw length) of an authenticated object, for a caller that
+    decompresses it as a stream (the WAL prefetcher writes 16 MiB segments a chunk at a
+    time instead of building each one in memory first)."""
+    return _authenticated_payload(keys, sealed, context, kind)
+
+
 def _authenticated_payload(
     keys: Keys, sealed: bytes | memoryview, context: bytes, kind: Kind | None
 ) -> tuple[int, bytes | memoryview, int]:
