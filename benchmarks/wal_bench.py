@@ -188,6 +188,17 @@ def trace_calls(target: Path, log: Path) -> None:
     auto.write_text("\n".join(lines) + "\n")
 
 
+def restore_command_line(target: Path) -> str:
+    return next(line for line in (target / "postgresql.auto.conf").read_text().splitlines()
+                if line.startswith("restore_command = "))
+
+
+def set_restore_command_line(target: Path, line: str) -> None:
+    auto = target / "postgresql.auto.conf"
+    lines = [line if old.startswith("restore_command = ") else old for old in auto.read_text().splitlines()]
+    auto.write_text("\n".join(lines) + "\n")
+
+
 def summarize_calls(log: Path) -> dict[str, float]:
     rows = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
     spans = sorted((float(e) - float(s)) * 1000 for s, e, _, _ in rows)
@@ -255,6 +266,8 @@ def main() -> None:
     parser.add_argument("--trace", default=None, metavar="DIR",
                         help="time every restore_command call (adds two date(1) calls to each) and keep the logs in DIR")
     parser.add_argument("--py-spy", action="store_true", help="with --trace: a py-spy profile of pgvault's prefetcher")
+    parser.add_argument("--cross", action="store_true",
+                        help="also recover each engine's restored data directory with the other engine's restore_command")
     parser.add_argument("--phases", default="recovery,push,delta,load", help="comma-separated subset to run")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
@@ -305,6 +318,9 @@ def main() -> None:
         server.switch_wal_and_wait_archived(timeout=3600)
         segments = sorted(p for p in collected.iterdir() if len(p.name) == 24)[-args.segments :]
 
+        crossed: dict[str, Path] = {}
+        spool_marks = {"pgvault": (str(work / "fetch-spool-pgvault"),),
+                       "pgbackrest": ("archive-get:async", "archive-get:local")}
         for rnd in range(args.rounds if "recovery" in phases else 0):
             order = engines if rnd % 2 == 0 else list(reversed(engines))
             # Recovery of the archived WAL, prefetched asynchronously by both engines.
@@ -337,6 +353,10 @@ def main() -> None:
                         "[global]\n", "[global]\narchive-async=y\narchive-get-queue-max=256MiB\n", 1
                     ).replace(f"spool-path={work / 'pgbr-spool'}", f"spool-path={spool}"))
                     run([engine.exe, f"--config={conf}", "--stanza=bench", "restore", f"--pg1-path={target}"])
+                if args.cross:  # keep it for the crossed recoveries after this round's own
+                    crossed[engine.name] = work / f"cross-{engine.name}"
+                    shutil.rmtree(crossed[engine.name], ignore_errors=True)
+                    shutil.copytree(target, crossed[engine.name], symlinks=True)
                 if args.trace:  # instrumented round: its times are not comparable with untraced ones
                     calls = work / f"calls-{engine.name}-{rnd}.log"
                     trace_calls(target, calls)
@@ -355,6 +375,22 @@ def main() -> None:
                     for key, value in cpu.totals().items():
                         record(engine.name, key, value)
                 shutil.rmtree(target, ignore_errors=True)
+            if args.cross and len(crossed) == 2:
+                # Each engine's restored data directory recovered with the other engine's
+                # restore_command: tells the data directory's part of recovery time from the fetch's.
+                lines = {n: restore_command_line(d) for n, d in crossed.items()}
+                for data_engine in [e.name for e in order]:
+                    fetch_engine = "pgvault" if data_engine == "pgbackrest" else "pgbackrest"
+                    target = crossed[data_engine]
+                    # pgBackRest's names its data directory (--pg1-path), which is gone by now
+                    set_restore_command_line(target, lines[fetch_engine].replace(str(work / f"recover-{fetch_engine}"), str(target)))
+                    shutil.rmtree(work / f"fetch-spool-{fetch_engine}", ignore_errors=True)
+                    with CpuTrace(spool_marks[fetch_engine], None) as cpu:
+                        record(fetch_engine, f"crossed_recovery_wall_s (data: {data_engine})", recover(args.pg, target, work))
+                    record(fetch_engine, f"crossed_startup_cpu_s (data: {data_engine})", cpu.totals()["startup_cpu_s"])
+                for d in crossed.values():
+                    shutil.rmtree(d, ignore_errors=True)
+                crossed.clear()
         # The push rounds start from empty repositories, so they come after every recovery round.
         for rnd in range(args.rounds if "push" in phases else 0):
             order = engines if rnd % 2 == 0 else list(reversed(engines))
