@@ -105,6 +105,11 @@ def restore_command(opts: Options, stanza: str) -> str:
         parts.append(f"--archive-async --spool-path={shlex.quote(str(Path(opts.spool_path).absolute()))}")
         parts.append(f"--archive-get-queue-max={opts.archive_get_queue_max} --jobs={opts.jobs}")
     parts.append("wal-fetch %f %p")
+    if opts.archive_async:  # a queued file is handed over by the shell, without starting Python
+        from pgvault.ops.fetch_queue import shell_restore_command
+
+        queue = Path(opts.spool_path).absolute() / stanza / "fetch"  # what wal-fetch uses (ops/spool.py)
+        return shell_restore_command(str(queue), " ".join(parts))
     return " ".join(parts)
 
 

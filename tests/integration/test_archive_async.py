@@ -125,6 +125,8 @@ def test_shell_restore_command_hands_queued_segments_over(
     for i, line in enumerate(lines):
         if line.startswith("restore_command = '"):
             command = line[len("restore_command = '"):-1].replace("''", "'")
+            # restore writes this form itself; wrapped once more, pgvault's own runs are counted
+            assert command.startswith(shell_restore_command(str(spool / "main" / "fetch"), "")), command
             shell = shell_restore_command(str(spool / "main" / "fetch"), f"echo %f >> {calls}; {command}")
             lines[i] = f"restore_command = {quote(shell)}"
     auto.write_text("\n".join(lines) + "\n")
