@@ -18,6 +18,12 @@ pgvault's archive_command is started the way the installed console script starts
 through PYTHONPATH; --pgvault-exe runs another pgvault instead, e.g. the ``pgvault`` script of a
 venv where a wheel is installed (what users run). restore_command is whatever ``pgvault
 restore`` writes.
+
+Every recovery also reports the CPU seconds of PostgreSQL's startup process (replay), of the
+engine's fetch helpers and of the whole machine (from /proc, every 0.2 s). --trace DIR times
+every restore_command call, --py-spy profiles pgvault's prefetcher, --cross recovers each
+engine's restored data directory with the other engine's restore_command (which part of a
+difference is the data directory's and which the fetch's).
 """
 
 from __future__ import annotations
