@@ -447,7 +447,7 @@ def main() -> None:
     for key in sorted({k for m in medians.values() for k in m}):
         row = [f"{medians[e].get(key, float('nan')):.3f}" for e in medians]
         ratio = "-"
-        if "pgbackrest" in medians and medians["pgbackrest"].get(key):
+        if "pgbackrest" in medians and medians["pgbackrest"].get(key) and key in medians.get("pgvault", {}):
             ratio = f"{medians['pgvault'][key] / medians['pgbackrest'][key]:.2f}"
         print(f"| {key} | " + " | ".join(row) + f" | {ratio} |")
     for engine in ("pgvault", "pgbackrest"):
