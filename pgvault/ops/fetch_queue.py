@@ -48,6 +48,26 @@ def shell_restore_command(queue: str, command: str) -> str:
     return f"if [ -f {q}/%f ] && mv -f {q}/%f %p 2>/dev/null; then exit 0; fi; {command}"
 
 
+def clear(queue: str) -> None:
+    """Empty the queue before a restore hands it to a new recovery.
+
+    shell_restore_command hands over any file it finds queued without asking which recovery
+    queued it, so what an earlier recovery left here (from a stanza since recreated, say) must
+    go: PostgreSQL, given a segment of another system, ends recovery there and promotes.
+    The prefetcher's lock stays; a prefetcher still lingering re-queues from the repository.
+    """
+    try:
+        names = os.listdir(queue)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name != LOCK:
+            try:
+                os.unlink(os.path.join(queue, name))
+            except FileNotFoundError:
+                pass
+
+
 def prefetcher_running(queue: str) -> bool:
     fd = os.open(os.path.join(queue, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -20,7 +20,7 @@ from pgvault import _accel
 from pgvault.config import Options, repo_option_args
 from pgvault.durable import fsync_dir
 from pgvault.errors import BackendError, ConfigError, RestoreTargetError
-from pgvault.ops import delta, targets
+from pgvault.ops import delta, fetch_queue, targets
 from pgvault.ops.common import open_repository
 from pgvault.pg import recovery
 from pgvault.progress import progress
@@ -106,11 +106,18 @@ def restore_command(opts: Options, stanza: str) -> str:
         parts.append(f"--archive-get-queue-max={opts.archive_get_queue_max} --jobs={opts.jobs}")
     parts.append("wal-fetch %f %p")
     if opts.archive_async:  # a queued file is handed over by the shell, without starting Python
-        from pgvault.ops.fetch_queue import shell_restore_command
-
         queue = Path(opts.spool_path).absolute() / stanza / "fetch"  # what wal-fetch uses (ops/spool.py)
-        return shell_restore_command(str(queue), " ".join(parts))
+        return fetch_queue.shell_restore_command(str(queue), " ".join(parts))
     return " ".join(parts)
+
+
+def _clear_fetch_queue(opts: Options, stanza: str) -> None:
+    """A new recovery starts with an empty prefetch queue (see fetch_queue.clear)."""
+    queue = Path(opts.spool_path).absolute() / stanza / "fetch"
+    try:
+        fetch_queue.clear(str(queue))
+    except OSError as exc:
+        raise ConfigError(f"cannot empty the WAL prefetch queue {queue}: {exc.strerror} (set --spool-path)") from None
 
 
 def recovery_settings(opts: Options, stanza: str, target: targets.Target) -> recovery.RecoverySettings:
@@ -230,6 +237,8 @@ def _restore(opts: Options, repo: Repository, stanza: str, pg_data: Path, target
     for oid, ts_dir in ts_targets.items():
         if ts_dir == pg_data or pg_data in ts_dir.parents:
             raise RestoreTargetError(f"tablespace {oid} would be restored inside the data directory: map it elsewhere")
+    if opts.archive_async:
+        _clear_fetch_queue(opts, stanza)
     delta_mode = opts.delta and delta.wants_delta(pg_data)
     if delta_mode:
         delta.check_target(pg_data)

@@ -41,9 +41,18 @@ def test_async_archive_and_prefetching_recovery(
     assert int(archiver[0]) >= segments and archiver[1] == "0", archiver
     expected = {t: table_digest(source, t) for t in ("pgbench_accounts", "pgbench_history", "big")}
 
+    # What an earlier recovery (of a stanza since recreated, say) left queued must not reach
+    # PostgreSQL: the shell hands queued files over unchecked, so restore empties the queue.
+    stale = spool / "main" / "fetch"
+    stale.mkdir(parents=True, exist_ok=True)
+    first = source.psql(f"select pg_walfile_name('{start}')")
+    second = source.psql(f"select pg_walfile_name('{start}'::pg_lsn + 16777216)")
+    for name in (first, second):
+        (stale / name).write_bytes(b"\xde\xad" * (8 << 20))
     target = tmp_path / "restored"
     vault.run("restore", f"--set={backup}", f"--pg-data={target}", "--archive-async", f"--spool-path={spool}")
     assert "--archive-async" in (target / "postgresql.auto.conf").read_text()
+    assert not (stale / first).exists()
     restored = pg_wrap_factory(target, conf={"archive_mode": "off"})
     restored.wait_for_recovery_end()
     for table, digest in expected.items():
