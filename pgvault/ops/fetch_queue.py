@@ -8,9 +8,10 @@ request new, even for the same name.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
+
+from pgvault.ops.spool_probe import worker_running
 
 LOCK = "fetcher.lock"
 
@@ -69,14 +70,7 @@ def clear(queue: str) -> None:
 
 
 def prefetcher_running(queue: str) -> bool:
-    fd = os.open(os.path.join(queue, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we may have taken
-    return False
+    return worker_running(os.path.join(queue, LOCK))
 
 
 def deliver_if_queued(queue: str, name: str, dest: str, fast: bool = False) -> bool:

@@ -9,23 +9,17 @@ time) goes to the full path in ops/archive_async.py, which starts pushers and re
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
+
+from pgvault.ops.spool_probe import worker_running
 
 LOCK = "pusher.lock"
 POLL = 0.005  # seconds between looks for the .ok
 
 
 def pusher_running(out: str) -> bool:
-    fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we may have taken
-    return False
+    return worker_running(os.path.join(out, LOCK))
 
 
 def push_fast(out: str, name: str, timeout: float) -> int | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from pgvault.errors import ConfigError
+from pgvault.ops.spool_probe import worker_running
 
 POLL = 0.01  # seconds between status checks in the foreground
 
@@ -55,10 +56,7 @@ class WorkerLock:
             self.fd = None
 
     def held_elsewhere(self) -> bool:
-        if self.acquire():
-            self.release()
-            return False
-        return True
+        return worker_running(str(self.path))
 
 
 def spawn(work: Callable[[], None], log_path: Path) -> None:
