@@ -55,9 +55,9 @@ def decode_body(data: bytes) -> tuple[str, memoryview]:
     return pack, body
 
 
-def decode_entries(data: bytes) -> tuple[str, list[tuple[bytes, int, int]]]:
-    pack, body = decode_body(data)
-    return pack, [ENTRY.unpack_from(body, pos) for pos in range(0, len(body), ENTRY.size)]
+def unpack_entries(body: memoryview) -> list[tuple[bytes, int, int]]:
+    """The (id, offset, length) entries of a body from decode_body."""
+    return [ENTRY.unpack_from(body, pos) for pos in range(0, len(body), ENTRY.size)]
 
 
 class _Table:

@@ -31,7 +31,7 @@ from pgvault.pipeline import codecs, crypto, envelope
 from pgvault.pipeline.crypto import Keys
 from pgvault.pipeline.envelope import Kind
 from pgvault.repository import layout
-from pgvault.repository.index import ID_SIZE, RECORD, Index, Location, decode_body, decode_entries
+from pgvault.repository.index import ID_SIZE, RECORD, Index, Location, decode_body, unpack_entries
 from pgvault.repository.manifest import FileEntry, Manifest
 
 REPO_FORMAT = 1
@@ -419,25 +419,9 @@ class Repository:
         """Every index object as pack name -> entries, and the merged index rebuilt from them
         (verify and GC need both, and each index object is then read once). on_error: report
         an unreadable index object and go on (verify) instead of raising (GC)."""
-        packs: dict[str, list[tuple[bytes, int, int]]] = {}
-        bodies: list[tuple[str, memoryview]] = []
-        for info in self.backend.list("index/"):
-            try:
-                raw = self._get_sealed(Kind.INDEX, info.key)
-                pack, entries = decode_entries(raw)
-            except ObjectNotFound:
-                continue  # deleted since the listing
-            except PgvaultError as exc:
-                if on_error is None:
-                    raise
-                on_error(info.key, exc)
-                continue
-            packs[pack] = entries
-            bodies.append(decode_body(raw))
-        index = Index()
-        index.load(bodies)
-        self._index = index
-        return packs
+        return {
+            pack: unpack_entries(body) for pack, body in self.pack_index_bodies(on_error).items()
+        }
 
     def forget_index(self) -> None:
         """Drop the cached index, so the next use reloads it from the backend."""
