@@ -9,6 +9,12 @@ pgvault the WAL from its backups' start on), so both verify one backup and the s
 runs alternate between engines; medians are reported. Then pgvault takes nine more backups with
 2% churn before each, and `expire --keep-last 9` removes the oldest: time and bytes freed (with
 the default --max-unused 10%, then `gc --max-unused=0` to reclaim every unreferenced byte).
+
+--pgvault-exe times another pgvault's verify (e.g. the ``pgvault`` script of a venv the wheel was
+installed into, as users run it) instead of this checkout's ``python -m pgvault``;
+--pgbackrest-also times more pgBackRest builds' verify on the same pgBackRest repository.
+--keep leaves the work directory's repositories behind and --reuse times verify again on them
+(no cluster, no backups): for measuring one change after another on the same data.
 """
 
 from __future__ import annotations
@@ -41,17 +47,30 @@ def main() -> None:
     parser.add_argument("--work", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--verify-only", action="store_true", help="skip the expire + GC part")
+    parser.add_argument("--pgvault-exe", default=None, help="pgvault to time verify with (default: this checkout)")
+    parser.add_argument("--pgbackrest-also", action="append", default=[],
+                        help="another pgBackRest executable whose verify is timed on the same repository")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory's repositories")
+    parser.add_argument("--reuse", action="store_true",
+                        help="time verify on the repositories a --keep run left in --work; implies --verify-only")
     args = parser.parse_args()
+    if args.reuse and not args.work:
+        parser.error("--reuse needs --work")
 
     work = Path(args.work or tempfile.mkdtemp(prefix="pgvault-opsbench-", dir="/var/tmp"))
     server = PgServer(args.pg, work / "cluster")
     vault = PgVault(work, server, args.jobs)
     pgbr = PgBackRest(work, server, args.jobs, args.pgbackrest)
+    verifiers = verify_commands(args, vault, pgbr)
+    out: dict[str, object] = {}
+    samples: dict[str, list[float]] = {}
+    if args.reuse:
+        time_verify(args, verifiers, samples)
+        finish(args, out, samples, float(json.loads((work / "reuse.json").read_text())["db_mib"]), pgbr)
+        return
     server.init(archive_command=f"{vault.archive_command()} && {pgbr.archive_command()}",
                 extra_conf={"max_wal_size": "1GB", "checkpoint_timeout": "30min"})
     server.start()
-    out: dict[str, object] = {}
-    samples: dict[str, list[float]] = {}
     try:
         server.pgbench("-i", "-s", str(args.scale), "-q")
         server.psql("checkpoint;")
@@ -68,19 +87,9 @@ def main() -> None:
                                            if p.is_file() and len(p.name) == 24])
         out["pgbackrest_wal_segments"] = len([p for p in (pgbr.repo / "archive").rglob("*")
                                               if p.is_file() and len(p.name.split("-")[0]) == 24])
-        for rnd in range(args.rounds):
-            order = ["pgvault", "pgbackrest"] if rnd % 2 == 0 else ["pgbackrest", "pgvault"]
-            for engine in order:
-                if engine == "pgvault":
-                    s = timed([*vault.base, "verify"])
-                else:
-                    s = timed([*pgbr.base(), "verify"])
-                samples.setdefault(f"{engine}_verify_wall", []).append(s.wall)
-                samples.setdefault(f"{engine}_verify_cpu", []).append(s.cpu)
-                samples.setdefault(f"{engine}_verify_rss_mb", []).append(s.rss_mb)
-            for mode in ("--sample=5", "--metadata-only"):
-                s = timed([*vault.base, "verify", mode])
-                samples.setdefault(f"pgvault_verify{mode.split('=')[0].replace('--', '_')}_wall", []).append(s.wall)
+        if args.keep:
+            (work / "reuse.json").write_text(json.dumps({"db_mib": db_mib}))
+        time_verify(args, verifiers, samples)
 
         if args.verify_only:
             server.cleanup()
@@ -113,6 +122,31 @@ def main() -> None:
     finish(args, out, samples, db_mib, pgbr)
 
 
+def verify_commands(args: argparse.Namespace, vault: PgVault, pgbr: PgBackRest) -> dict[str, list[str]]:
+    """Engine name -> its verify command; pgvault first, then each pgBackRest build."""
+    pgvault = [args.pgvault_exe, *vault.base[vault.base.index("-m") + 2:]] if args.pgvault_exe else vault.base
+    commands = {"pgvault": [*pgvault, "verify"], "pgbackrest": [*pgbr.base(), "verify"]}
+    for exe in args.pgbackrest_also:
+        version = subprocess.run([exe, "version"], capture_output=True, text=True).stdout.split()[-1]
+        commands[f"pgbackrest_{version}"] = [exe, *pgbr.base()[1:], "verify"]
+    return commands
+
+
+def time_verify(args: argparse.Namespace, verifiers: dict[str, list[str]], samples: dict[str, list[float]]) -> None:
+    """Rounds of one verify per engine, the order reversed every other round, then pgvault's
+    --sample and --metadata-only."""
+    engines = list(verifiers)
+    for rnd in range(args.rounds):
+        for engine in engines if rnd % 2 == 0 else engines[::-1]:
+            s = timed(verifiers[engine])
+            samples.setdefault(f"{engine}_verify_wall", []).append(s.wall)
+            samples.setdefault(f"{engine}_verify_cpu", []).append(s.cpu)
+            samples.setdefault(f"{engine}_verify_rss_mb", []).append(s.rss_mb)
+        for mode in ("--sample=5", "--metadata-only"):
+            s = timed([*verifiers["pgvault"], mode])
+            samples.setdefault(f"pgvault_verify{mode.split('=')[0].replace('--', '_')}_wall", []).append(s.wall)
+
+
 def finish(args: argparse.Namespace, out: dict[str, object], samples: dict[str, list[float]], db_mib: float,
            pgbr: PgBackRest) -> None:
     medians = {k: statistics.median(v) for k, v in samples.items()}
@@ -120,7 +154,8 @@ def finish(args: argparse.Namespace, out: dict[str, object], samples: dict[str, 
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "pg": args.pg, "scale": args.scale, "db_mib": round(db_mib), "jobs": args.jobs, "rounds": args.rounds,
-        "pgbackrest": pgbr.version, "command": " ".join(sys.argv), "medians": medians, "raw": samples,
+        "pgbackrest": pgbr.version, "pgvault_exe": args.pgvault_exe or "python -m pgvault (this checkout)",
+        "command": " ".join(sys.argv), "medians": medians, "raw": samples,
     })
     print(json.dumps(out, indent=1))
     if args.json:

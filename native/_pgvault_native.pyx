@@ -687,8 +687,8 @@ if not pgv_sodium_ready():
 from pgvault.errors import IntegrityError as _IntegrityError
 
 # Messages as pgvault.pipeline.envelope words them, plus those of whole-run reads (the pure
-# twin, pgvault._pure.open_blocks, uses the same table).
-from pgvault._pure import FAULT_MESSAGES as _MESSAGES
+# twin, pgvault._pure.open_blocks, uses the same table, from pgvault/_faults.py).
+from pgvault._faults import FAULT_MESSAGES as _MESSAGES
 
 
 cdef str _fault_message(int status, uint64_t param, int kind):
@@ -839,6 +839,34 @@ def refs_runs(refs, Py_ssize_t first, Py_ssize_t count, uint64_t max_bytes, uint
     finally:
         PyBuffer_Release(&v)
     return runs
+
+
+def entries_refs(body, uint32_t pack_number) -> bytes:
+    """An index object's ENTRY records (44 bytes: id, offset, stored length) as REF records of
+    pack number pack_number, in the same order: what verify checks a whole pack with."""
+    cdef Py_buffer v
+    cdef Py_ssize_t n, k
+    cdef bytes out
+    cdef unsigned char *o
+    cdef const unsigned char *p
+    PyObject_GetBuffer(body, &v, PyBUF_SIMPLE)
+    try:
+        if v.len % (RECORD_SIZE - 4):
+            raise ValueError("ENTRY records are 44 bytes")
+        n = v.len // (RECORD_SIZE - 4)
+        out = PyBytes_FromStringAndSize(NULL, n * RECORD_SIZE)
+        o = <unsigned char *> PyBytes_AS_STRING(out)
+        p = <const unsigned char *> v.buf
+        with nogil:
+            for k in range(n):
+                memcpy(o + k * RECORD_SIZE, p + k * (RECORD_SIZE - 4), RECORD_SIZE - 4)
+                o[k * RECORD_SIZE + 44] = pack_number & 0xFF
+                o[k * RECORD_SIZE + 45] = (pack_number >> 8) & 0xFF
+                o[k * RECORD_SIZE + 46] = (pack_number >> 16) & 0xFF
+                o[k * RECORD_SIZE + 47] = (pack_number >> 24) & 0xFF
+    finally:
+        PyBuffer_Release(&v)
+    return out
 
 
 def open_blocks(data, uint64_t data_offset, refs, Py_ssize_t first, Py_ssize_t count, key,

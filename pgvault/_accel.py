@@ -3,6 +3,7 @@
     from pgvault._accel import checksum_page, verify_pages, block_digests, changed_blocks, IMPL
     from pgvault._accel import index_build, index_merge, index_find
     from pgvault._accel import index_locate, refs_sort, refs_runs, open_blocks, writeback  # the read path
+    from pgvault._accel import entries_refs  # verify
 
 ``PGVAULT_IMPL`` selects the implementation, read once at first import:
 
@@ -18,22 +19,22 @@ the whole relation, ``segno * 131072 + block_in_segment``, not within the segmen
 
 from __future__ import annotations
 
-import importlib
-import logging
 import os
-from typing import TYPE_CHECKING
 
 from pgvault.errors import ConfigError
+
+# typing.TYPE_CHECKING without importing typing (mypy knows the name): every pgvault start
+# passes through this module.
+TYPE_CHECKING = False
 
 __all__ = [
     "IMPL", "NATIVE_IMPORT_ERROR", "block_digests", "changed_blocks", "checksum_page", "index_build", "index_find",
     "index_merge", "verify_pages",
     "index_locate", "open_blocks", "refs_runs", "refs_sort", "writeback",  # the read path
+    "entries_refs",  # verify
 ]
 
 ENV_VAR = "PGVAULT_IMPL"
-
-log = logging.getLogger("pgvault.accel")
 
 # Why the native module could not be imported, when it was tried and failed (for diagnostics).
 NATIVE_IMPORT_ERROR: str | None = None
@@ -45,9 +46,13 @@ def _select() -> object:
     if choice not in ("", "native", "python"):
         raise ConfigError(f"{ENV_VAR}={choice!r} is not one of 'native', 'python' (or unset)")
     if choice == "python":
-        return importlib.import_module("pgvault._pure")
+        from pgvault import _pure
+
+        return _pure
     try:
-        return importlib.import_module("pgvault._native")
+        from pgvault import _native  # type: ignore[attr-defined]
+
+        return _native
     except ImportError as exc:
         NATIVE_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
         if choice == "native":
@@ -55,12 +60,16 @@ def _select() -> object:
                 f"{ENV_VAR}=native but the native module pgvault._native is unavailable "
                 f"({NATIVE_IMPORT_ERROR}); rebuild/reinstall pgvault or unset {ENV_VAR}"
             ) from exc
-    log.warning(
+    import logging  # only on this path: the logger of a pgvault that runs as built
+
+    logging.getLogger("pgvault.accel").warning(
         "native module pgvault._native is unavailable (%s); using the much slower pure-Python "
         "fallback for page checksums and block digests",
         NATIVE_IMPORT_ERROR,
     )
-    return importlib.import_module("pgvault._pure")
+    from pgvault import _pure
+
+    return _pure
 
 
 if TYPE_CHECKING:
@@ -68,6 +77,7 @@ if TYPE_CHECKING:
         IMPL, block_digests, changed_blocks, checksum_page, index_build, index_find, index_merge, verify_pages,
     )
     from pgvault._pure import index_locate, open_blocks, refs_runs, refs_sort, writeback  # the read path
+    from pgvault._pure import entries_refs  # verify
 else:
     _impl = _select()
     IMPL: str = _impl.IMPL
@@ -84,4 +94,5 @@ else:
     refs_runs = _impl.refs_runs
     open_blocks = _impl.open_blocks
     writeback = _impl.writeback
+    entries_refs = _impl.entries_refs  # verify
     del _impl

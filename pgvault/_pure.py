@@ -358,27 +358,9 @@ def index_find(data: bytes, starts: bytes, bits: int, block_id: bytes) -> int:
 
 _REF = struct.Struct("<32sQII")
 
-# Fault messages of open_blocks by status (the native code reports the same numbers). The
-# envelope's own wording (pipeline/envelope.py) where it has one; {0} is the number the fault
-# names, {1} the expected kind.
-FAULT_MESSAGES = (
-    "",
-    "pack is truncated",  # the object lies beyond the end of the data read
-    "object is truncated",
-    "object has a bad magic number (not a pgvault object)",
-    "object format version {0} is not supported by this pgvault",
-    "object is a {0}, expected {1}",
-    "object is encrypted but the repository is not",
-    "unencrypted object in an encrypted repository",
-    "object checksum mismatch (corrupted)",
-    "object failed authentication (corrupted or tampered)",
-    "object uses unknown key id {0}",
-    "object uses unknown codec id {0}",
-    "object failed to decompress",
-    "object decompressed to the wrong length",
-    "object has a bad zstd frame header",
-    "object needs compression dictionary {0:08x}, which is not available here",
-)
+# Fault messages of open_blocks by status: pgvault/_faults.py (the native module reads them
+# there without importing this module).
+from pgvault._faults import FAULT_MESSAGES  # noqa: E402
 (_BEYOND, _SHORT, _MAGIC, _VERSION, _KIND, _ENC_PLAIN_REPO, _PLAIN_ENC_REPO, _CHECKSUM, _AUTH, _KEY_ID,
  _CODEC, _DECOMPRESS, _LENGTH, _FRAME, _NO_DICT) = range(1, 16)
 
@@ -458,6 +440,24 @@ def refs_runs(
     if count:
         runs.append((start, first + count))
     return runs
+
+
+def entries_refs(body: bytes | bytearray | memoryview, pack_number: int) -> bytes:
+    """An index object's ENTRY records (44 bytes: id, offset, stored length) as REF records of
+    pack number pack_number, in the same order: what verify checks a whole pack with."""
+    view = _byte_view(body)
+    entry = _RECORD - 4
+    if len(view) % entry:
+        raise ValueError("ENTRY records are 44 bytes")
+    if not 0 <= pack_number <= 0xFFFFFFFF:
+        raise OverflowError("pack number out of range")
+    count = len(view) // entry
+    out = bytearray(count * _RECORD)
+    for column in range(entry):  # one strided copy per byte column, not a loop per record
+        out[column::_RECORD] = view[column::entry].tobytes()
+    for column, byte in enumerate(pack_number.to_bytes(4, "little")):
+        out[entry + column :: _RECORD] = bytes([byte]) * count
+    return bytes(out)
 
 
 def open_blocks(

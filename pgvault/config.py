@@ -2,17 +2,22 @@
 
 The config file is INI: a [global] section and one section per stanza (the stanza section
 wins over [global]). This is the only module that reads the environment or the file.
+
+Every command passes through here before it does anything, so the module stays cheap to import:
+plain classes, not dataclasses (whose import pulls in inspect, ast and dis, and whose class
+creation compiles methods for 50 fields: ~8 ms of each start together), configparser only when
+a config file exists, and typing only for the type checker.
 """
 
 from __future__ import annotations
 
-import configparser
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping
 
 from pgvault.errors import ConfigError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from typing import Any, Callable, Mapping
 
 DEFAULT_CONFIG = "/etc/pgvault/pgvault.conf"
 
@@ -77,15 +82,27 @@ def _bool(text: str | bool) -> bool:
     raise ConfigError(f"{text!r} is not a boolean (use y or n)")
 
 
-@dataclass(frozen=True)
 class OptionSpec:
-    name: str
-    help: str
-    parse: Callable[[str], Any] = str
-    default: Any = None
-    flag: bool = False  # a switch without a value on the command line
-    multi: bool = False  # may be given several times (comma-separated in env/file)
-    metavar: str | None = None
+    """One option: its name, help, parser of a given value, and default."""
+
+    __slots__ = ("name", "help", "parse", "default", "flag", "multi", "metavar")
+
+    def __init__(
+        self, name: str, help: str, parse: Callable[[str], Any] = str, default: Any = None,
+        flag: bool = False,  # a switch without a value on the command line
+        multi: bool = False,  # may be given several times (comma-separated in env/file)
+        metavar: str | None = None,
+    ) -> None:
+        self.name = name
+        self.help = help
+        self.parse = parse
+        self.default = default
+        self.flag = flag
+        self.multi = multi
+        self.metavar = metavar
+
+    def __repr__(self) -> str:
+        return f"OptionSpec({self.name!r})"
 
 
 OPTIONS: tuple[OptionSpec, ...] = (
@@ -140,8 +157,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
 )
 
 
-@dataclass(frozen=True)
 class Options:
+    """The resolved options of one run, read-only (resolve() builds it)."""
+
     command: str
     args: tuple[str, ...]
     config: str
@@ -156,7 +174,7 @@ class Options:
     pg_conninfo: str
     pg_data: str | None
     passphrase_file: str | None
-    passphrase: bytes | None = field(repr=False)
+    passphrase: bytes | None
     compress: str
     compress_level: int | None
     jobs: int
@@ -194,9 +212,36 @@ class Options:
     max_unused: float
     # Options given explicitly (flag, environment or file), for commands whose default differs
     # from the shared one (verify checks every backup unless --set is given).
-    given: frozenset[str] = frozenset()
+    given: frozenset[str]
     # The Azure credential variables (its SDK does not read them itself); never shown.
-    azure_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    azure_env: Mapping[str, str]
+
+    def __init__(self, **values: Any) -> None:
+        values.setdefault("given", frozenset())
+        values.setdefault("azure_env", {})
+        missing = [name for name in _FIELDS if name not in values]
+        unknown = [name for name in values if name not in _FIELDS]
+        if missing or unknown:
+            raise TypeError(f"Options: missing {missing}, unknown {unknown}")
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Options are read-only: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Options are read-only: cannot delete {name}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Options):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in _FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # azure_env is a dict
+
+    def __repr__(self) -> str:  # the passphrase and the Azure credentials are never shown
+        shown = (f"{name}={getattr(self, name)!r}" for name in _FIELDS if name not in _SECRET)
+        return f"Options({', '.join(shown)})"
 
     def require_stanza(self) -> str:
         if not self.stanza:
@@ -209,19 +254,30 @@ class Options:
         return self.repo
 
 
+# Options' attributes, in order (its annotations); the _SECRET ones are left out of its repr.
+_FIELDS = tuple(Options.__annotations__)
+_SECRET = ("passphrase", "azure_env")
+
+
 def _env_name(name: str) -> str:
     return "PGVAULT_" + name.upper().replace("-", "_")
 
 
 def _read_file(path: str, stanza: str | None, explicit: bool) -> dict[str, str]:
-    parser = configparser.ConfigParser(interpolation=None)
     try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
+        f = open(path, encoding="utf-8")
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {path} does not exist") from None
         return {}
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable") from None
+    import configparser  # only when there is a file to read
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with f:
+            parser.read_file(f)
     except PermissionError:
         raise ConfigError(f"config file {path} is not readable") from None
     except configparser.Error as exc:
@@ -296,7 +352,8 @@ def repo_option_args(opts: Options) -> list[str]:
 def _passphrase(path: str | None, environ: Mapping[str, str]) -> bytes | None:
     if path:
         try:
-            text = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                text = f.read()
         except OSError as exc:
             raise ConfigError(f"cannot read passphrase file {path}: {exc.strerror}") from None
         text = text.rstrip(b"\r\n")

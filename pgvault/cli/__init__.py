@@ -8,14 +8,16 @@ option given in either place survives.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-from typing import Sequence
 
 from pgvault import __version__
 from pgvault.config import OPTIONS, resolve
 from pgvault.errors import PgvaultError, WalNotFoundError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from typing import Sequence
 
 # restore_command contract: PostgreSQL takes exit status 1 (any status up to 125) as "no
 # such file" and ends recovery there; above 125 it stops recovery instead. So wal-fetch
@@ -114,6 +116,8 @@ def _main(args: list[str]) -> int:
 
 
 def _setup_logging(level: str) -> None:
+    import logging  # here, not at the top: `pgvault --help` and usage errors do without it
+
     logging.basicConfig(
         level={"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}[level],
         format="pgvault: %(levelname)s: %(message)s",

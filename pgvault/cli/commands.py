@@ -5,11 +5,13 @@ Each runner imports its ops module when called, so a command loads only what it 
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import Any
 
-from pgvault.config import Options
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from typing import Any
+
+    from pgvault.config import Options
 
 COMMAND_HELP: dict[str, tuple[str, list[str]]] = {
     "stanza-create": ("create the repository if absent and record the cluster", []),
@@ -28,6 +30,8 @@ COMMAND_HELP: dict[str, tuple[str, list[str]]] = {
 
 
 def _print_json(value: Any) -> None:
+    import json
+
     json.dump(value, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 

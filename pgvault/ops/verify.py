@@ -26,7 +26,6 @@ The result is stored in the repository (`stanzas/<s>/verify`) for `info` and mon
 from __future__ import annotations
 
 import math
-import random
 import struct
 import time
 from collections import Counter, defaultdict
@@ -187,6 +186,10 @@ class Verifier:
         # blocks that failed a check, not yet tied to the backups that need them: message -> ids
         self.unattributed: dict[str, list[bytes]] = defaultdict(list)
         self.wal_reads: dict[tuple[str, str], int] = defaultdict(int)  # (stanza, segment) -> mask
+        # Whole-repository mode (full, every backup): packs are checked from the index objects
+        # while the manifests load; the backups' records only give the packs they use.
+        self.whole = False
+        self.used_packs: set[int] = set()  # index pack numbers
 
     def run(self, infos: list[StanzaInfo], set_id: str | None) -> None:
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="pgvault-verify") as pool:
@@ -195,13 +198,15 @@ class Verifier:
     def _run(self, pool: ThreadPoolExecutor, infos: list[StanzaInfo], set_id: str | None) -> None:
         packs = self.repo.pack_index_bodies(on_error=self._bad_index)
         sizes = {info.key.rsplit("/", 1)[1]: info.size for info in self.repo.backend.list("packs/")}
-        # A full run checks the trailer of every pack its backups use, which is nearly every
-        # indexed pack: start those checks now, on the other core, while this thread reads the
-        # manifests and block lists (a scale-100 verify spends ~0.1 s there).
+        # A full run of every backup checks the trailer and the blocks of every indexed pack
+        # (the blocks no backup uses too: new backups could reference them). Those checks need
+        # only the index objects, so they start now, on the other core, while this thread reads
+        # the manifests and block lists (a scale-100 verify spends ~0.1 s there), and no
+        # record of the backups' blocks has to be merged or sorted.
         trailers: dict[str, Future[tuple[str | None, int]]] = {}
-        if self.report.mode == "full" and set_id is None:
-            trailers = {pack: pool.submit(_trailer_fault, self.repo, pack, sizes[pack], body)
-                        for pack, body in packs.items() if pack in sizes}
+        self.whole = self.report.mode == "full" and set_id is None
+        if self.whole:
+            whole = self._start_whole(pool, packs, sizes, trailers)
         for info in infos:
             ids = self.repo.list_backups(info.stanza)
             if set_id is not None:
@@ -213,7 +218,10 @@ class Verifier:
             for backup_id in ids:
                 self._load(info.stanza, backup_id)
             self._check_wal(info, range(first, len(self.report.backups)))
-        self._check_blocks(pool, packs, sizes, trailers)
+        if self.whole:
+            self._finish_whole(packs, sizes, trailers, *whole)
+        else:
+            self._check_blocks(pool, packs, sizes, trailers)
         self._read_wal()
         self._attribute()
         self._summarize_block_faults()
@@ -248,6 +256,13 @@ class Verifier:
             lengths = memoryview(refs).cast("I")[10 :: RECORD.size // 4].tolist()
             unindexed = dict.fromkeys(blob[k * ID_SIZE : (k + 1) * ID_SIZE] for k, n in enumerate(lengths) if n == 0)
             self.block_faults[number]["blocks missing from the repository index"].extend(unindexed)
+        if self.whole:  # the packs are checked whole: only which packs this backup uses counts
+            words = memoryview(refs).cast("I")
+            numbers = words[11 :: RECORD.size // 4].tolist()
+            if missing:
+                numbers = [n for n, length in zip(numbers, words[10 :: RECORD.size // 4].tolist()) if length]
+            self.used_packs.update(numbers)
+            return
         # Merge into the sorted unique set; records of missing blocks (pack 0, offset 0,
         # length 0) sort first and are dropped.
         merged = _accel.refs_sort(self.refs + refs if self.refs else refs)
@@ -280,14 +295,24 @@ class Verifier:
         if not self.unattributed:
             return
         bad = {block_id for ids in self.unattributed.values() for block_id in ids}
+        used: set[bytes] = set()
         for number, manifest in self.manifests.items():
             needed: set[bytes] = set()
             for entry in _entries(manifest):
                 needed |= bad.intersection(_split(self._ids_of(entry)))
+            used |= needed
             for message, ids in self.unattributed.items():
                 hits = [block_id for block_id in ids if block_id in needed]
                 if hits:
                     self.block_faults[number][message].extend(hits)
+        if self.whole:
+            for message, ids in self.unattributed.items():
+                spare = [block_id for block_id in ids if block_id not in used]
+                if spare and not message.startswith("pack "):  # missing packs: _finish_whole
+                    self.report.faults.append(
+                        f"{message} ({len(spare)} blocks no backup uses: new backups could reference them; "
+                        "'pgvault gc --max-unused=0' drops them)"
+                    )
 
     def _ids_of(self, entry: FileEntry) -> bytes:
         """An entry's block ids as _entry_ids finds them, without recording faults again."""
@@ -356,6 +381,8 @@ class Verifier:
         if self.report.mode == "sample" and to_read:
             assert self.report.sample_percent is not None
             count = max(1, math.ceil(len(to_read) * self.report.sample_percent / 100))
+            import random  # only for --sample
+
             to_read = sorted(random.sample(to_read, count))
         # Tasks of at most RUN_BYTES of one pack each (one ranged read), so both workers stay
         # busy even when a backup's data sits in a handful of 32 MiB packs; plus one trailer
@@ -391,6 +418,80 @@ class Verifier:
                     self._fault(message, block_id)
         bar.close()
 
+    def _start_whole(
+        self, pool: ThreadPoolExecutor, packs: dict[str, memoryview], sizes: dict[str, int],
+        trailers: dict[str, Future[tuple[str | None, int]]],
+    ) -> tuple[list[tuple[str, Future[tuple[bytes, list[tuple[tuple[int, int], Future[Any]]], str | None]]]], Progress]:
+        """Queue the check of every block and the trailer of every indexed pack that exists:
+        per pack one task that turns its index object into REF records in pack order and queues
+        one task per ranged read, then the trailer's (the pool runs tasks in order: the reads
+        of the first pack start before any trailer is checked)."""
+        bar = progress(self.progress_mode, "verify", sum(sizes[p] for p in packs if p in sizes))
+        plans = []
+        for pack, body in sorted(packs.items()):
+            if pack in sizes:
+                trailers[pack] = Future()
+                plans.append((pack, pool.submit(self._plan_pack, pool, pack, body, sizes[pack], bar, trailers[pack])))
+        return plans, bar
+
+    def _plan_pack(
+        self, pool: ThreadPoolExecutor, pack: str, body: memoryview, size: int, bar: Progress,
+        trailer: Future[tuple[str | None, int]],
+    ) -> tuple[bytes, list[tuple[tuple[int, int], Future[Any]]], str | None]:
+        """REF records of a pack's index object, and the queued checks of its ranged reads (none
+        if the pack is shorter than its index says: the fault is then "truncated"); trailer gets
+        the result of the trailer check, queued after them."""
+        try:
+            refs = _accel.entries_refs(body, 0)
+            count = len(refs) // RECORD.size
+            runs = _accel.refs_runs(refs, 0, count, RUN_BYTES, GAP_BYTES, 1 << 62)
+            if max((_span_end(refs, start, end) for start, end in runs), default=0) > size:
+                return refs, [], "truncated"
+            return refs, [(run, pool.submit(self._check_run, pack, run, bar, refs)) for run in runs], None
+        finally:
+            pool.submit(_settle, trailer, _trailer_fault, self.repo, pack, size, body)
+
+    def _finish_whole(
+        self, packs: dict[str, memoryview], sizes: dict[str, int], trailers: dict[str, Future[tuple[str | None, int]]],
+        plans: list[tuple[str, Future[tuple[bytes, list[tuple[tuple[int, int], Future[Any]]], str | None]]]],
+        bar: Progress,
+    ) -> None:
+        """Collect the checks _start_whole queued; a missing or truncated pack is a fault of each
+        backup that needs one of its blocks, or of the repository when none does."""
+        index = self.repo.index
+        used = {index.pack_name(number) for number in self.used_packs}
+        self.report.packs_used = len(used)
+        broken: list[tuple[str, str]] = [(pack, "missing") for pack in sorted(packs) if pack not in sizes]
+        for pack, plan in plans:
+            refs, runs, state = plan.result()
+            if state is not None:
+                broken.append((pack, state))
+            for run, future in runs:
+                faults, size = future.result()
+                self.report.blocks_checked += run[1] - run[0]
+                self.report.bytes_read += size
+                for block_id, message in faults:
+                    assert block_id is not None
+                    self._fault(message, block_id)
+            fault, size = trailers[pack].result()
+            self.report.packs_checked += 1
+            self.report.bytes_read += size
+            if fault:
+                self.report.damaged = True
+                self.report.faults.append(fault)
+        bar.close()
+        for pack, state in sorted(broken):
+            body = packs[pack]
+            if pack in used:
+                for pos in range(0, len(body), ENTRY.size):
+                    self._fault(f"pack {pack} is {state}", bytes(body[pos : pos + ID_SIZE]))
+            else:  # as _check_blocks words it
+                self.report.damaged = True
+                self.report.faults.append(
+                    f"pack {pack} is {state} but the index lists its {len(body) // ENTRY.size} blocks: "
+                    "new backups could reference them (run 'pgvault gc' to drop its index object if no backup needs it)"
+                )
+
     def _check_task(
         self, pack: str, run: tuple[int, int] | None, indexed: memoryview | None, size: int, bar: Progress,
     ) -> tuple[list[tuple[bytes | None, str]], int]:
@@ -399,10 +500,14 @@ class Verifier:
             return ([(None, fault)] if fault else []), read
         return self._check_run(pack, run, bar)
 
-    def _check_run(self, pack: str, run: tuple[int, int], bar: Progress) -> tuple[list[tuple[bytes | None, str]], int]:
+    def _check_run(
+        self, pack: str, run: tuple[int, int], bar: Progress, refs: bytes | None = None,
+    ) -> tuple[list[tuple[bytes | None, str]], int]:
         """One ranged read; authenticate (and with --rehash open and re-hash) the blocks
-        backups use from it: one native call for all of them, without the GIL."""
-        refs = self.refs
+        backups use from it (REF records run of refs, default self.refs): one native call for
+        all of them, without the GIL."""
+        if refs is None:
+            refs = self.refs
         first, end = run
         start = RECORD.unpack_from(refs, first * RECORD.size)[1]
         stop = _span_end(refs, first, end)
@@ -483,6 +588,8 @@ class Verifier:
         wanted = sorted(self.wal_reads)
         if self.report.mode == "sample" and wanted:
             assert self.report.sample_percent is not None
+            import random  # only for --sample
+
             wanted = sorted(random.sample(wanted, max(1, math.ceil(len(wanted) * self.report.sample_percent / 100))))
 
         def check(item: tuple[str, str]) -> str | None:
@@ -507,6 +614,14 @@ class Verifier:
                         self.report.backups[number].faults.append(problem)
                     mask >>= 1
                     number += 1
+
+
+def _settle(future: Future[Any], fn: Any, *args: Any) -> None:
+    """Run fn(*args) into future (a task queued by another task, awaited by the main thread)."""
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:
+        future.set_exception(exc)
 
 
 def _entries(manifest: Manifest) -> list[FileEntry]:

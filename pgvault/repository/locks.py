@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -55,7 +53,8 @@ class HostIdentity:
 
     @classmethod
     def current(cls) -> HostIdentity:
-        return cls(socket.gethostname(), _read("/proc/sys/kernel/random/boot_id"), _readlink("/proc/self/ns/pid"))
+        # os.uname's node name is what socket.gethostname() returns, without importing socket.
+        return cls(os.uname().nodename, _read("/proc/sys/kernel/random/boot_id"), _readlink("/proc/self/ns/pid"))
 
 
 def _read(path: str) -> str:
@@ -195,6 +194,8 @@ class RepositoryLock:
             if remaining <= 0:
                 hint = "; wait for it or give --lock-timeout" if timeout == 0 else f" after waiting {timeout:.0f}s"
                 raise LockError(f"cannot lock the repository for {self.request.command}: {holder} is running{hint}")
+            import random  # only when waiting for a lock
+
             time.sleep(min(remaining, random.uniform(0.2, 1.0)))
         self._thread = threading.Thread(target=self._heartbeat, name="pgvault-lock", daemon=True)
         self._thread.start()

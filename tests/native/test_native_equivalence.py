@@ -506,3 +506,21 @@ def test_accel_rejects_unknown_value():
     r = run_probe("fast")
     assert r.returncode != 0
     assert "ConfigError" in r.stderr and "PGVAULT_IMPL" in r.stderr
+
+
+@requires_native
+def test_entries_refs_native_equals_pure():
+    """Index ENTRY records (44 bytes) to REF records (48 bytes) of one pack number, in order."""
+    from pgvault import _native, _pure
+
+    for count in (0, 1, 7, 1000):
+        body = os.urandom(44 * count)
+        for pno in (0, 1, 0x01020304, 0xFFFFFFFF):
+            refs = _native.entries_refs(body, pno)
+            assert refs == _pure.entries_refs(memoryview(body), pno)
+            assert [struct.unpack_from("<32sQII", refs, 48 * k) for k in range(count)] == [
+                (*struct.unpack_from("<32sQI", body, 44 * k), pno) for k in range(count)
+            ]
+    for impl in (_native, _pure):
+        with pytest.raises(ValueError):
+            impl.entries_refs(b"x" * 45, 0)

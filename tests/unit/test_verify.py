@@ -8,6 +8,7 @@ import time
 
 from pgvault.backends.memory import MemoryBackend
 from pgvault.ops.expire import Policy, parse_time, retained, wal_to_delete
+from pgvault.ops.verify import Verifier, VerifyReport
 from pgvault.ops.walcheck import WalArchive, parse_history
 from pgvault.pg import wal
 from pgvault.progress import Progress, progress
@@ -220,3 +221,29 @@ def test_unindexed_truncated_and_mislabelled_blocks() -> None:
     faults = faults_by_backup(run_verify(repo, rehash=True))
     assert list(faults) == ["20260101-000000F"], faults
     assert "do not match their ids" in faults["20260101-000000F"][0] and "old" in faults["20260101-000000F"][0]
+
+
+def test_blocks_no_backup_uses_are_checked_by_a_full_run() -> None:
+    """A full run of every backup checks every indexed block (new backups dedup against the
+    index, so a damaged block nobody uses yet is damage too), and reports those as faults of
+    the repository, not of a backup; verify --set reads only what its backup uses."""
+    backend, repo = two_backups()
+    loc = location_of(repo, 3, 50_000)  # "new": second backup only
+    backend.delete(layout.manifest_key("a", "20260102-000000F"))  # expired, not yet collected
+    raw = bytearray(backend.get(layout.pack_key(loc.pack)))
+    raw[loc.offset + 100] ^= 0x01
+    backend.put(layout.pack_key(loc.pack), bytes(raw))
+    report = run_verify(repo)
+    assert not faults_by_backup(report) and report.backups[0].ok
+    assert [f for f in report.faults if "fail authentication" in f and "no backup uses" in f], report.faults
+    assert report.error() is not None and report.error().exit_code == 5  # type: ignore[union-attr]
+    repo.forget_index()
+    one = VerifyReport("full", None)
+    Verifier(repo, one, 2, "never").run([repo.stanza_info("a")], "20260101-000000F")
+    assert one.ok, one.faults
+
+    # Its pack gone: the repository fault names the pack, as when a full run of old found it.
+    backend.delete(layout.pack_key(loc.pack))
+    report = run_verify(repo)
+    assert not faults_by_backup(report)
+    assert [f for f in report.faults if f"pack {loc.pack} is missing but the index lists" in f], report.faults
