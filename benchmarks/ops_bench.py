@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--pgvault-exe", default=None, help="pgvault to time verify with (default: this checkout)")
     parser.add_argument("--pgbackrest-also", action="append", default=[],
                         help="another pgBackRest executable whose verify is timed on the same repository")
+    parser.add_argument("--no-block-incremental", action="store_true",
+                        help="pgBackRest without repo1-block (2.45's verify reports block-incremental files missing)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory's repositories")
     parser.add_argument("--reuse", action="store_true",
                         help="time verify on the repositories a --keep run left in --work; implies --verify-only")
@@ -60,7 +62,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="pgvault-opsbench-", dir="/var/tmp"))
     server = PgServer(args.pg, work / "cluster")
     vault = PgVault(work, server, args.jobs)
-    pgbr = PgBackRest(work, server, args.jobs, args.pgbackrest)
+    pgbr = PgBackRest(work, server, args.jobs, args.pgbackrest, block_incremental=not args.no_block_incremental)
     verifiers = verify_commands(args, vault, pgbr)
     out: dict[str, object] = {}
     samples: dict[str, list[float]] = {}

@@ -196,8 +196,6 @@ class Verifier:
             self._run(pool, infos, set_id)
 
     def _run(self, pool: ThreadPoolExecutor, infos: list[StanzaInfo], set_id: str | None) -> None:
-        packs = self.repo.pack_index_bodies(on_error=self._bad_index)
-        sizes = {info.key.rsplit("/", 1)[1]: info.size for info in self.repo.backend.list("packs/")}
         # A full run of every backup checks the trailer and the blocks of every indexed pack
         # (the blocks no backup uses too: new backups could reference them). Those checks need
         # only the index objects, so they start now, on the other core, while this thread reads
@@ -205,8 +203,17 @@ class Verifier:
         # record of the backups' blocks has to be merged or sorted.
         trailers: dict[str, Future[tuple[str | None, int]]] = {}
         self.whole = self.report.mode == "full" and set_id is None
-        if self.whole:
-            whole = self._start_whole(pool, packs, sizes, trailers)
+        whole: list[Any] = []
+        sizes: dict[str, int] = {}
+
+        def start(packs: dict[str, memoryview]) -> None:  # before the index is built from them
+            # Packs listed after their index objects were read: a backup running meanwhile
+            # writes a pack before its index object, so every indexed pack is listed.
+            sizes.update((info.key.rsplit("/", 1)[1], info.size) for info in self.repo.backend.list("packs/"))
+            if self.whole:
+                whole.extend(self._start_whole(pool, packs, sizes, trailers))
+
+        packs = self.repo.pack_index_bodies(on_error=self._bad_index, map_=pool.map, before_index=start)
         for info in infos:
             ids = self.repo.list_backups(info.stanza)
             if set_id is not None:

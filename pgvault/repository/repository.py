@@ -392,22 +392,36 @@ class Repository:
     # -- operations: per-pack index, small sealed JSON objects (locks, pins, reports) ------
 
     def pack_index_bodies(
-        self, on_error: Callable[[str, PgvaultError], None] | None = None
+        self,
+        on_error: Callable[[str, PgvaultError], None] | None = None,
+        *,
+        map_: Callable[..., Iterator[Any]] = map,
+        before_index: Callable[[dict[str, memoryview]], None] | None = None,
     ) -> dict[str, memoryview]:
         """pack_indexes with each pack's entries left encoded (index.ENTRY records): no Python
-        object per block (verify)."""
-        packs: dict[str, memoryview] = {}
-        for info in self.backend.list("index/"):
+        object per block (verify). map_: reads the index objects (a thread pool's map reads them
+        in parallel); before_index: gets the bodies before the index is built from them (verify
+        starts checking packs meanwhile)."""
+
+        def read(key: str) -> tuple[str, memoryview] | PgvaultError | None:
             try:
-                pack, body = decode_body(self._get_sealed(Kind.INDEX, info.key))
+                return decode_body(self._get_sealed(Kind.INDEX, key))
             except ObjectNotFound:
-                continue  # deleted since the listing
+                return None  # deleted since the listing
             except PgvaultError as exc:
+                return exc
+
+        keys = [info.key for info in self.backend.list("index/")]
+        packs: dict[str, memoryview] = {}
+        for key, result in zip(keys, map_(read, keys)):
+            if isinstance(result, PgvaultError):
                 if on_error is None:
-                    raise
-                on_error(info.key, exc)
-                continue
-            packs[pack] = body
+                    raise result
+                on_error(key, result)
+            elif result is not None:
+                packs[result[0]] = result[1]
+        if before_index is not None:
+            before_index(packs)
         index = Index()
         index.load(packs.items())
         self._index = index
