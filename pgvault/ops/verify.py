@@ -661,13 +661,17 @@ def _trailer_fault(repo: Repository, pack: str, size: int, indexed: memoryview |
             raise IntegrityError("bad tail")
         trailer = repo.backend.get_range(key, size - TAIL.size - length, length)
         read += len(trailer)
-        name, body = decode_body(envelope.open_(repo.keys, trailer, pack.encode(), Kind.PACK_TRAILER))
+        plain = envelope.open_(repo.keys, trailer, pack.encode(), Kind.PACK_TRAILER)
+        name, body = decode_body(plain)
     except ObjectNotFound:
         return None, read  # reported per block
     except (IntegrityError, struct.error) as exc:
         return f"pack {pack}: trailer is unreadable ({exc})", read
-    # The writer encodes both from the same entries, so they are usually equal byte for byte.
-    if name != pack or (indexed is None or body.tobytes() != indexed.tobytes()) and _entry_set(body) != _entry_set(indexed):
+    # The writer encodes both from the same entries, so they are usually equal byte for byte:
+    # one comparison of the whole opened objects, no copies (5 MiB each at scale 100).
+    if name == pack and indexed is not None and plain == indexed.obj:
+        return None, read
+    if name != pack or (indexed is None or body != indexed) and _entry_set(body) != _entry_set(indexed):
         return f"pack {pack}: trailer does not match its index object", read
     return None, read
 
