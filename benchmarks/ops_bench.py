@@ -12,7 +12,8 @@ the default --max-unused 10%, then `gc --max-unused=0` to reclaim every unrefere
 
 --pgvault-exe times another pgvault's verify (e.g. the ``pgvault`` script of a venv the wheel was
 installed into, as users run it) instead of this checkout's ``python -m pgvault``;
---pgbackrest-also times more pgBackRest builds' verify on the same pgBackRest repository.
+--pgvault-also and --pgbackrest-also time more builds' verify in the same rounds, on the same
+repositories.
 --keep leaves the work directory's repositories behind and --reuse times verify again on them
 (no cluster, no backups): for measuring one change after another on the same data.
 """
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--verify-only", action="store_true", help="skip the expire + GC part")
     parser.add_argument("--pgvault-exe", default=None, help="pgvault to time verify with (default: this checkout)")
+    parser.add_argument("--pgvault-also", action="append", default=[], metavar="NAME=EXE",
+                        help="another pgvault whose verify is timed in the same rounds (e.g. main=/venv/bin/pgvault)")
     parser.add_argument("--pgbackrest-also", action="append", default=[],
                         help="another pgBackRest executable whose verify is timed on the same repository")
     parser.add_argument("--no-block-incremental", action="store_true",
@@ -128,6 +131,9 @@ def verify_commands(args: argparse.Namespace, vault: PgVault, pgbr: PgBackRest) 
     """Engine name -> its verify command; pgvault first, then each pgBackRest build."""
     pgvault = [args.pgvault_exe, *vault.base[vault.base.index("-m") + 2:]] if args.pgvault_exe else vault.base
     commands = {"pgvault": [*pgvault, "verify"], "pgbackrest": [*pgbr.base(), "verify"]}
+    for spec in args.pgvault_also:
+        name, _, exe = spec.partition("=")
+        commands[f"pgvault_{name}"] = [exe, *vault.base[vault.base.index("-m") + 2:], "verify"]
     for exe in args.pgbackrest_also:
         version = subprocess.run([exe, "version"], capture_output=True, text=True).stdout.split()[-1]
         commands[f"pgbackrest_{version}"] = [exe, *pgbr.base()[1:], "verify"]
