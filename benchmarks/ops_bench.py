@@ -135,7 +135,7 @@ def verify_commands(args: argparse.Namespace, vault: PgVault, pgbr: PgBackRest) 
         name, _, exe = spec.partition("=")
         commands[f"pgvault_{name}"] = [exe, *vault.base[vault.base.index("-m") + 2:], "verify"]
     for exe in args.pgbackrest_also:
-        version = subprocess.run([exe, "version"], capture_output=True, text=True).stdout.split()[-1]
+        version = subprocess.run([exe, "version"], capture_output=True, text=True, check=True).stdout.split()[-1]
         commands[f"pgbackrest_{version}"] = [exe, *pgbr.base()[1:], "verify"]
     return commands
 

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from pgvault._faults import FAULT_MESSAGES
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12 on
 
@@ -358,9 +360,8 @@ def index_find(data: bytes, starts: bytes, bits: int, block_id: bytes) -> int:
 
 _REF = struct.Struct("<32sQII")
 
-# Fault messages of open_blocks by status: pgvault/_faults.py (the native module reads them
-# there without importing this module).
-from pgvault._faults import FAULT_MESSAGES  # noqa: E402
+# Fault messages of open_blocks by status: FAULT_MESSAGES, from pgvault/_faults.py (the native
+# module reads them there without importing this module).
 (_BEYOND, _SHORT, _MAGIC, _VERSION, _KIND, _ENC_PLAIN_REPO, _PLAIN_ENC_REPO, _CHECKSUM, _AUTH, _KEY_ID,
  _CODEC, _DECOMPRESS, _LENGTH, _FRAME, _NO_DICT) = range(1, 16)
 

@@ -85,7 +85,7 @@ def _bool(text: str | bool) -> bool:
 class OptionSpec:
     """One option: its name, help, parser of a given value, and default."""
 
-    __slots__ = ("name", "help", "parse", "default", "flag", "multi", "metavar")
+    __slots__ = ("default", "flag", "help", "metavar", "multi", "name", "parse")
 
     def __init__(
         self, name: str, help: str, parse: Callable[[str], Any] = str, default: Any = None,
@@ -265,7 +265,8 @@ def _env_name(name: str) -> str:
 
 def _read_file(path: str, stanza: str | None, explicit: bool) -> dict[str, str]:
     try:
-        f = open(path, encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {path} does not exist") from None
@@ -276,10 +277,7 @@ def _read_file(path: str, stanza: str | None, explicit: bool) -> dict[str, str]:
 
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        with f:
-            parser.read_file(f)
-    except PermissionError:
-        raise ConfigError(f"config file {path} is not readable") from None
+        parser.read_string(text, source=path)
     except configparser.Error as exc:
         raise ConfigError(f"config file {path} is malformed: {str(exc).splitlines()[0]}") from None
     values: dict[str, str] = {}

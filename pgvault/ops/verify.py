@@ -428,7 +428,7 @@ class Verifier:
     def _start_whole(
         self, pool: ThreadPoolExecutor, packs: dict[str, memoryview], sizes: dict[str, int],
         trailers: dict[str, Future[tuple[str | None, int]]],
-    ) -> tuple[list[tuple[str, Future[tuple[bytes, list[tuple[tuple[int, int], Future[Any]]], str | None]]]], Progress]:
+    ) -> tuple[list[tuple[str, Future[tuple[list[tuple[tuple[int, int], Future[Any]]], str | None]]]], Progress]:
         """Queue the check of every block and the trailer of every indexed pack that exists:
         per pack one task that turns its index object into REF records in pack order and queues
         one task per ranged read, then the trailer's (the pool runs tasks in order: the reads
@@ -444,23 +444,23 @@ class Verifier:
     def _plan_pack(
         self, pool: ThreadPoolExecutor, pack: str, body: memoryview, size: int, bar: Progress,
         trailer: Future[tuple[str | None, int]],
-    ) -> tuple[bytes, list[tuple[tuple[int, int], Future[Any]]], str | None]:
-        """REF records of a pack's index object, and the queued checks of its ranged reads (none
-        if the pack is shorter than its index says: the fault is then "truncated"); trailer gets
-        the result of the trailer check, queued after them."""
+    ) -> tuple[list[tuple[tuple[int, int], Future[Any]]], str | None]:
+        """The queued checks of a pack's ranged reads, made from the REF records of its index
+        object (none if the pack is shorter than its index says: the fault is then "truncated");
+        trailer gets the result of the trailer check, queued after them."""
         try:
             refs = _accel.entries_refs(body, 0)
             count = len(refs) // RECORD.size
             runs = _accel.refs_runs(refs, 0, count, RUN_BYTES, GAP_BYTES, 1 << 62)
             if max((_span_end(refs, start, end) for start, end in runs), default=0) > size:
-                return refs, [], "truncated"
-            return refs, [(run, pool.submit(self._check_run, pack, run, bar, refs)) for run in runs], None
+                return [], "truncated"
+            return [(run, pool.submit(self._check_run, pack, run, bar, refs)) for run in runs], None
         finally:
             pool.submit(_settle, trailer, _trailer_fault, self.repo, pack, size, body)
 
     def _finish_whole(
         self, packs: dict[str, memoryview], sizes: dict[str, int], trailers: dict[str, Future[tuple[str | None, int]]],
-        plans: list[tuple[str, Future[tuple[bytes, list[tuple[tuple[int, int], Future[Any]]], str | None]]]],
+        plans: list[tuple[str, Future[tuple[list[tuple[tuple[int, int], Future[Any]]], str | None]]]],
         bar: Progress,
     ) -> None:
         """Collect the checks _start_whole queued; a missing or truncated pack is a fault of each
@@ -470,7 +470,7 @@ class Verifier:
         self.report.packs_used = len(used)
         broken: list[tuple[str, str]] = [(pack, "missing") for pack in sorted(packs) if pack not in sizes]
         for pack, plan in plans:
-            refs, runs, state = plan.result()
+            runs, state = plan.result()
             if state is not None:
                 broken.append((pack, state))
             for run, future in runs:
@@ -627,7 +627,7 @@ def _settle(future: Future[Any], fn: Any, *args: Any) -> None:
     """Run fn(*args) into future (a task queued by another task, awaited by the main thread)."""
     try:
         future.set_result(fn(*args))
-    except BaseException as exc:
+    except Exception as exc:  # noqa: BLE001 -- handed to whoever waits on future, which re-raises it
         future.set_exception(exc)
 
 
