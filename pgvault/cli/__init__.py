@@ -42,12 +42,31 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(3)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, asking the terminal for its width only when help is printed:
+    argparse makes a formatter for every add_argument (to check metavars), and the default one
+    imports shutil for the width, which cost every pgvault start ~3 ms."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width or 80)
+        self._width_unknown = width is None
+        self._help_position = max_help_position
+
+    def format_help(self) -> str:
+        if self._width_unknown:  # what HelpFormatter.__init__ does with width=None
+            import shutil
+
+            self._width = shutil.get_terminal_size().columns - 2
+            self._max_help_position = min(self._help_position, max(self._width - 20, self._indent_increment * 2))
+        return super().format_help()
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with only=COMMAND just that command's subparser is built, which is what
     a run needs (wal-push runs once per WAL segment: each millisecond counts)."""
     from pgvault.cli.commands import COMMAND_HELP
 
-    parser = _Parser(prog="pgvault", description="PostgreSQL backup and restore.")
+    parser = _Parser(prog="pgvault", description="PostgreSQL backup and restore.", formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"pgvault {__version__}")
     _add_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -55,10 +74,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (help_text, positionals) in COMMAND_HELP.items():
         if only is not None and name != only:
             continue
-        cmd = sub.add_parser(name, help=help_text)
+        cmd = sub.add_parser(name, help=help_text, formatter_class=_Formatter)
         _add_options(cmd)
         for positional in positionals:
             cmd.add_argument(positional)
+    return parser
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    """One parser for a run of command: every option and the command's positionals, for the
+    arguments without the command word. It accepts what build_parser(command) accepts, with
+    half of argparse's set-up (one parser, not a top-level one and a subparser)."""
+    from pgvault.cli.commands import COMMAND_HELP
+
+    parser = _Parser(prog=f"pgvault {command}", formatter_class=_Formatter)
+    _add_options(parser)
+    for positional in COMMAND_HELP[command][1]:
+        parser.add_argument(positional)
     return parser
 
 
@@ -100,10 +132,14 @@ def _exit_code(fetching: bool, code: int, exc: BaseException) -> int:
 def _main(args: list[str]) -> int:
     from pgvault.cli.commands import COMMAND_HELP, run
 
-    only = _command_in(args) if "-h" not in args and "--help" not in args else None
-    parser = build_parser(only)
-    ns = vars(parser.parse_args(args))
-    command = ns.pop("command")
+    command = _command_in(args) if "-h" not in args and "--help" not in args and "--version" not in args else None
+    if command is not None:
+        rest = list(args)
+        rest.remove(command)
+        ns = vars(_command_parser(command).parse_args(rest))
+    else:  # help, --version, no or an ambiguous command: the whole parser says what is wrong
+        ns = vars(build_parser().parse_args(args))
+        command = ns.pop("command")
     positionals = tuple(ns.pop(p.replace("-", "_")) for p in COMMAND_HELP[command][1])
     cli_values = {key.replace("_", "-"): value for key, value in ns.items()}
     try:
