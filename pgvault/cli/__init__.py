@@ -17,7 +17,7 @@ from pgvault.errors import PgvaultError, WalNotFoundError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
-    from typing import Sequence
+    from collections.abc import Sequence
 
 # restore_command contract: PostgreSQL takes exit status 1 (any status up to 125) as "no
 # such file" and ends recovery there; above 125 it stops recovery instead. So wal-fetch
