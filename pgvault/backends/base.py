@@ -83,3 +83,45 @@ class Backend(Protocol):
 
     def describe(self) -> str:
         """A human-readable location without secrets, for messages."""
+
+
+class Upload(Protocol):
+    """One object written piece by piece (packs): nothing is visible under the key until
+    commit(), which makes the whole object visible at once; abort() discards what was written
+    and may be called at any time, more than once."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class BufferedUpload:
+    """The Upload of backends that cannot stream an object: the pieces collect in memory and
+    commit() puts them in one call (so the retry wrapper can retry the whole object)."""
+
+    def __init__(self, backend: Backend, key: str) -> None:
+        self._backend = backend
+        self._key = key
+        self._data: bytearray | None = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._data is None:
+            raise BackendError(f"write to {self._key} after commit or abort")
+        self._data += data
+
+    def commit(self) -> None:
+        if self._data is None:
+            raise BackendError(f"commit of {self._key} after commit or abort")
+        data, self._data = self._data, None
+        self._backend.put(self._key, data)
+
+    def abort(self) -> None:
+        self._data = None
+
+
+def open_upload(backend: Backend, key: str) -> Upload:
+    """A streaming upload where the backend has one (``open_upload``), else a buffered one."""
+    opener = getattr(backend, "open_upload", None)
+    return opener(key) if opener is not None else BufferedUpload(backend, key)

@@ -31,13 +31,17 @@ class FsBackend:
             raise BackendError(f"invalid object key {key!r}")
         return self.root / key
 
-    def _write_temp(self, path: Path, data: bytes | bytearray) -> Path:
+    def _open_temp(self, path: Path) -> tuple[Path, int]:
+        """A new hidden temp file beside path (list() skips ``.tmp.`` names)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".tmp.{path.name}.{os.urandom(16).hex()}"  # uuid costs 8 ms to import
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
             raise BackendError(f"cannot write {path.relative_to(self.root)} in {self.root}: {exc.strerror}") from None
+
+    def _write_temp(self, path: Path, data: bytes | bytearray) -> Path:
+        tmp, fd = self._open_temp(path)
         try:
             view = memoryview(data)
             while view:
@@ -54,6 +58,10 @@ class FsBackend:
             raise
         os.close(fd)
         return tmp
+
+    def open_upload(self, key: str) -> FsUpload:
+        """A pack written to its temp file as it fills, so no pack is held in memory."""
+        return FsUpload(self, key)
 
     def put(self, key: str, data: bytes | bytearray) -> None:
         path = self._path(key)
@@ -136,3 +144,48 @@ class FsBackend:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+
+
+class FsUpload:
+    """An object streamed into a hidden temp file; commit() fsyncs it, renames it into place
+    and fsyncs the directory, as put() does, so readers never see a partial object."""
+
+    def __init__(self, backend: FsBackend, key: str) -> None:
+        self._backend = backend
+        self._key = key
+        self._path = backend._path(key)
+        self._tmp, self._fd = backend._open_temp(self._path)
+        self._open = True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._open:
+            raise BackendError(f"write to {self._key} after commit or abort")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.abort()
+            raise self._failed(exc) from None
+
+    def commit(self) -> None:
+        if not self._open:
+            raise BackendError(f"commit of {self._key} after commit or abort")
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._open = False
+            os.replace(self._tmp, self._path)
+            fsync_dir(self._path.parent)
+        except OSError as exc:
+            self.abort()
+            raise self._failed(exc) from None
+
+    def abort(self) -> None:
+        if self._open:
+            self._open = False
+            os.close(self._fd)
+        self._tmp.unlink(missing_ok=True)
+
+    def _failed(self, exc: OSError) -> BackendError:
+        return BackendError(f"cannot write {self._key} in {self._backend.root}: {exc.strerror}")

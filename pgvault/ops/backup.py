@@ -242,6 +242,7 @@ def _backup(
     if bar.enabled:
         bar.total = _size_estimate(repo, stanza)
     conn = ReplicationConnection(opts.pg_conninfo)
+    store: BlockStore | None = None
     try:
         ident = conn.identify_system()
         check_cluster(info, ident.system_id, conn.server_version)
@@ -274,6 +275,10 @@ def _backup(
                 conn = ReplicationConnection(opts.pg_conninfo)
                 stream = _stream(conn, store, label, verify, None, bar)
             store.finish()
+    except BaseException:
+        if store is not None:
+            store.abort()  # discard the pack being filled (its temp file)
+        raise
     finally:
         conn.close()
         bar.close()

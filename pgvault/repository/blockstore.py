@@ -277,6 +277,10 @@ class BlockStore:
         self.packs.flush()
         self.packs.wait()
 
+    def abort(self) -> None:
+        """After a failure: discard the pack being filled (nothing half-written stays behind)."""
+        self.packs.abort()
+
 
 class _Sampler:
     """New blocks of one page class, for training its dictionary: every SAMPLE_EVERY-th goes

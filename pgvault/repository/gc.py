@@ -166,23 +166,27 @@ def collect(repo: Repository, lock: RepositoryLock | None, *, dry_run: bool = Fa
 
     # 1. Live blocks of the packs to repack into new packs, each followed by its index object.
     writer = PackWriter(repo.backend, repo.keys, Index(), repo.settings.pack_size)
-    for pack in sorted(repack):
-        wanted = [e for e in present[pack] if e[0] in live and e[0] not in in_kept and not writer.has(e[0])]
-        if not wanted:
-            continue
-        data = memoryview(repo.backend.get(layout.pack_key(pack)))
-        for block_id, offset, length in wanted:
-            sealed = bytes(data[offset : offset + length])
-            try:
-                envelope.open_(repo.keys, sealed, block_id, envelope.Kind.BLOCK, repo.dictionary)
-            except IntegrityError as exc:
-                raise IntegrityError(
-                    f"block {block_id.hex()} in pack {pack} is damaged ({exc}): garbage collection stopped "
-                    "before deleting anything, run 'pgvault verify'"
-                ) from None
-            writer.add(block_id, sealed)
-            result.blocks_copied += 1
-    writer.flush()
+    try:
+        for pack in sorted(repack):
+            wanted = [e for e in present[pack] if e[0] in live and e[0] not in in_kept and not writer.has(e[0])]
+            if not wanted:
+                continue
+            data = memoryview(repo.backend.get(layout.pack_key(pack)))
+            for block_id, offset, length in wanted:
+                sealed = bytes(data[offset : offset + length])
+                try:
+                    envelope.open_(repo.keys, sealed, block_id, envelope.Kind.BLOCK, repo.dictionary)
+                except IntegrityError as exc:
+                    raise IntegrityError(
+                        f"block {block_id.hex()} in pack {pack} is damaged ({exc}): garbage collection stopped "
+                        "before deleting anything, run 'pgvault verify'"
+                    ) from None
+                writer.add(block_id, sealed)
+                result.blocks_copied += 1
+        writer.flush()
+    except BaseException:
+        writer.abort()  # the pack being filled is discarded, not left half-written
+        raise
     result.packs_written = writer.packs_written
     result.bytes_written = writer.bytes_written
 

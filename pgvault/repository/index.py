@@ -37,9 +37,14 @@ class Location:
     length: int
 
 
-def encode_entries(pack: str, entries: Iterable[tuple[bytes, int, int]]) -> bytes:
+def encode_header(pack: str) -> bytes:
+    """What precedes the ENTRY records of an index object (and of a pack trailer)."""
     name = pack.encode("ascii")
-    out = bytearray(struct.pack("<H", len(name)) + name)
+    return struct.pack("<H", len(name)) + name
+
+
+def encode_entries(pack: str, entries: Iterable[tuple[bytes, int, int]]) -> bytes:
+    out = bytearray(encode_header(pack))
     for block_id, offset, length in entries:
         out += ENTRY.pack(block_id, offset, length)
     return bytes(out)

@@ -15,17 +15,19 @@ import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from pgvault.backends.base import Backend
+from pgvault.backends.base import Backend, Upload, open_upload
 from pgvault.pipeline import codecs, envelope
 from pgvault.pipeline.crypto import Keys
 from pgvault.repository import layout
-from pgvault.repository.index import Index, encode_entries
+from pgvault.repository.index import ENTRY, Index, encode_header
 
 PACK_MAGIC = b"PGVP"
 TAIL = struct.Struct("<I4s")
 # A pack is flushed when full or when its first block is this old, so that a backup killed on a
 # slow link loses at most this much work: the rerun finds every flushed block and skips it.
 MAX_AGE = 60.0
+# Bytes of a pack collected before they are handed to the backend's upload (one write call).
+WRITE_BUFFER = 1 << 20
 
 
 def new_pack_name() -> str:
@@ -33,14 +35,16 @@ def new_pack_name() -> str:
 
 
 class PackWriter:
-    """Collects sealed blocks and flushes a pack when it reaches target_size.
+    """Streams sealed blocks into a pack and finishes it when it reaches target_size.
 
-    Not thread-safe: one writer per backup, fed from the thread that orders results (has()
-    may be called from any thread). background=True: a flushed pack is sealed and written by
-    a writer thread while the next one fills (at most one pack in flight, so one more pack
-    buffer of memory). On a first full of pgbench scale 100 the producing thread spent ~0.8 s
-    in flushes (0.1 s per 32 MiB pack written and fsynced, the rest compressing the trailer
-    and index object), time in which it fed the workers nothing. Call wait() at the end.
+    A pack is written to the backend as it fills (Backend upload: on the filesystem its temp
+    file, so only WRITE_BUFFER bytes of it are in memory; backends that cannot stream collect
+    it in memory and put it whole). Finishing a pack (trailer, commit, index object) is the
+    slow part (fsync of 32 MiB, compressing trailer and index object: ~0.8 s of the producing
+    thread per first full of pgbench scale 100), so with background=True a writer thread does
+    it while the next pack fills (at most one pack finishing at a time). Not thread-safe: one
+    writer per backup, fed from the thread that orders results (has() may be called from any
+    thread). Call wait() at the end, or abort() on failure (discards the unfinished pack).
     """
 
     def __init__(
@@ -53,10 +57,13 @@ class PackWriter:
         self._target = target_size
         self._max_age = max_age
         self._opened = 0.0
-        self._buffer = bytearray()
-        self._entries: list[tuple[bytes, int, int]] = []
+        self._name = ""
+        self._upload: Upload | None = None
+        self._size = 0  # bytes of the open pack so far
+        self._buffer = bytearray()  # its bytes not yet handed to the upload
+        self._entries = bytearray()  # its index.ENTRY records
         self._pending: set[bytes] = set()
-        # Ids of the pack being written in the background: replaced, never mutated, so has()
+        # Ids of the pack being finished in the background: replaced, never mutated, so has()
         # on another thread sees them here or (after the write) in the index.
         self._flushing: frozenset[bytes] = frozenset()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pgvault-packs") if background else None
@@ -70,28 +77,41 @@ class PackWriter:
     def add(self, block_id: bytes, sealed: bytes) -> None:
         if self.has(block_id):
             return
-        if not self._entries:
+        if self._upload is None:
+            self._name = new_pack_name()
+            self._upload = open_upload(self._backend, layout.pack_key(self._name))
             self._opened = time.monotonic()
-        self._entries.append((block_id, len(self._buffer), len(sealed)))
+        self._entries += ENTRY.pack(block_id, self._size, len(sealed))
         self._buffer += sealed
+        self._size += len(sealed)
         self._pending.add(block_id)
-        if len(self._buffer) >= self._target or time.monotonic() - self._opened >= self._max_age:
+        if len(self._buffer) >= WRITE_BUFFER:
+            self._upload.write(self._buffer)
+            self._buffer = bytearray()
+        if self._size >= self._target or time.monotonic() - self._opened >= self._max_age:
             self.flush()
 
     def flush(self) -> None:
-        if not self._entries:
+        """Finish the open pack (in the background with background=True)."""
+        upload = self._upload
+        if upload is None:
             return
-        buffer, entries = self._buffer, self._entries
+        if self._buffer:
+            upload.write(self._buffer)
+        name, entries, size = self._name, self._entries, self._size
+        self._upload, self._buffer, self._entries, self._size = None, bytearray(), bytearray(), 0
         if self._executor is None:
-            self._write(buffer, entries)
+            self._finish(name, upload, entries, size)
             self._pending.clear()
         else:
-            self._wait_in_flight()
+            try:
+                self._wait_in_flight()
+            except BaseException:
+                upload.abort()
+                raise
             self._flushing = frozenset(self._pending)
             self._pending = set()
-            self._in_flight = self._executor.submit(self._write, buffer, entries)
-        self._buffer = bytearray()
-        self._entries = []
+            self._in_flight = self._executor.submit(self._finish, name, upload, entries, size)
 
     def wait(self) -> None:
         """Wait for a background write (raising its error) and stop the writer thread."""
@@ -101,25 +121,40 @@ class PackWriter:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
 
+    def abort(self) -> None:
+        """After a failure: discard the open pack, wait for the one finishing (its error is
+        dropped: the caller is already failing) and stop the writer thread."""
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.abort()
+        self._buffer, self._entries, self._pending = bytearray(), bytearray(), set()
+        try:
+            self.wait()
+        except Exception:
+            pass
+
     def _wait_in_flight(self) -> None:
         future, self._in_flight = self._in_flight, None
         if future is not None:
             future.result()
 
-    def _write(self, buffer: bytearray, pack_entries: list[tuple[bytes, int, int]]) -> None:
-        name = new_pack_name()
-        entries = encode_entries(name, pack_entries)
-        trailer = envelope.seal(
-            self._keys, envelope.Kind.PACK_TRAILER, entries, name.encode(), codecs.Codec.ZSTD
-        )
-        buffer += trailer + TAIL.pack(len(trailer), PACK_MAGIC)
-        # The buffer itself, not a bytes() copy: a copy doubled peak memory at every flush.
-        self._backend.put(layout.pack_key(name), buffer)
+    def _finish(self, name: str, upload: Upload, records: bytearray, size: int) -> None:
+        """Trailer, commit, then the index object: a pack is complete before any index names it."""
+        try:
+            entries = encode_header(name) + records
+            trailer = envelope.seal(
+                self._keys, envelope.Kind.PACK_TRAILER, entries, name.encode(), codecs.Codec.ZSTD
+            )
+            upload.write(trailer + TAIL.pack(len(trailer), PACK_MAGIC))
+            upload.commit()
+        except BaseException:
+            upload.abort()
+            raise
         index_obj = envelope.seal(
             self._keys, envelope.Kind.INDEX, entries, layout.index_key(name).encode(), codecs.Codec.ZSTD
         )
         self._backend.put(layout.index_key(name), index_obj)
-        self._index.add_pack(name, entries[2 + len(name) :])  # the ENTRY records, past the name
+        self._index.add_pack(name, bytes(records))
         self._flushing = frozenset()
-        self.bytes_written += len(buffer) + len(index_obj)
+        self.bytes_written += size + len(trailer) + TAIL.size + len(index_obj)
         self.packs_written += 1

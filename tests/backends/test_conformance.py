@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from pgvault.backends.base import Backend, ObjectInfo, ObjectNotFound
+from pgvault.backends.base import Backend, ObjectInfo, ObjectNotFound, open_upload
 from pgvault.backends.fs import FsBackend
 from pgvault.backends.memory import MemoryBackend
 from pgvault.backends.readahead import ReadAheadBackend
@@ -70,6 +70,26 @@ def test_get_missing_is_not_found(backend: Backend) -> None:
     with pytest.raises(NotFoundError):
         backend.get_range("nope", 0, 1)
     assert backend.stat("nope") is None
+
+
+def test_upload_is_invisible_until_commit(backend: Backend) -> None:
+    """Packs are streamed (open_upload): no reader may see a partial object under its key."""
+    upload = open_upload(backend, "packs/ab/streamed")
+    upload.write(b"a" * 1000)
+    upload.write(memoryview(b"b" * 3000))
+    assert backend.stat("packs/ab/streamed") is None
+    assert [i.key for i in backend.list("packs/")] == []
+    upload.commit()
+    assert backend.get("packs/ab/streamed") == b"a" * 1000 + b"b" * 3000
+
+
+def test_aborted_upload_leaves_nothing(backend: Backend) -> None:
+    upload = open_upload(backend, "packs/ab/aborted")
+    upload.write(b"x" * 5000)
+    upload.abort()
+    upload.abort()  # idempotent
+    assert backend.stat("packs/ab/aborted") is None
+    assert list(backend.list("")) == []
 
 
 def test_put_if_absent_never_overwrites(backend: Backend) -> None:

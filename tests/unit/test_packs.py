@@ -43,3 +43,29 @@ def test_a_failed_background_write_raises_at_the_next_flush_or_wait() -> None:
     writer2.add(os.urandom(32), b"x" * 200)
     with pytest.raises(BackendError, match="disk full"):
         writer2.wait()
+
+
+def test_fs_packs_stream_to_a_hidden_temp_file_and_abort_removes_it(tmp_path) -> None:
+    """On the filesystem a filling pack is on disk, not in memory; a failed backup's abort()
+    leaves no file behind, and only finished packs (with their index objects) are visible."""
+    from pgvault.backends.fs import FsBackend
+
+    backend, index = FsBackend(tmp_path), Index()
+    writer = PackWriter(backend, Keys(None, os.urandom(32)), index, target_size=3 << 20, background=True)
+    for _ in range(40):  # 2.5 MiB, past the write buffer: part of the pack is in its temp file
+        writer.add(os.urandom(32), os.urandom(64 << 10))
+    temps = [p for p in tmp_path.rglob(".tmp.*")]
+    assert len(temps) == 1 and temps[0].stat().st_size >= 1 << 20
+    assert list(backend.list("")) == []
+    writer.abort()
+    assert list(tmp_path.rglob(".tmp.*")) == [] and list(backend.list("")) == []
+
+    ids = [os.urandom(32) for _ in range(60)]
+    writer = PackWriter(backend, Keys(None, os.urandom(32)), index, target_size=3 << 20, background=True)
+    for block_id in ids:
+        writer.add(block_id, os.urandom(64 << 10))
+    writer.flush()
+    writer.wait()
+    assert list(tmp_path.rglob(".tmp.*")) == []
+    assert writer.packs_written == 2 and all(block_id in index for block_id in ids)
+    assert len(list(backend.list("packs/"))) == 2 and len(list(backend.list("index/"))) == 2
