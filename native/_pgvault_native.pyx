@@ -998,3 +998,37 @@ def writeback(int fd, int64_t offset, int64_t nbytes) -> None:
     already written. Only a hint: errors are left for that fsync to report."""
     with nogil:
         sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
+
+
+# ==========================================================================================
+# -- bounded index tables (branch memflat; pgvault/repository/index.py) ---------------------
+# The index is kept as several tables of at most index.MAX_TABLE_RECORDS records (a merge
+# never copies more than that), so a lookup may have to ask several: one call for all of them.
+# ==========================================================================================
+
+def index_find_any(tables, bytes block_id) -> int:
+    """The position in tables (a sequence of (data, starts, bits) as index_find takes them) of
+    the first table holding block_id, or -1."""
+    if len(block_id) != ID_SIZE:
+        raise ValueError(f"block ids are {ID_SIZE} bytes, got {len(block_id)}")
+    cdef const unsigned char *idp = <const unsigned char *> PyBytes_AS_STRING(block_id)
+    cdef uint32_t prefix = _prefix(idp)
+    cdef const uint32_t *s
+    cdef const char *d
+    cdef uint32_t b
+    cdef Py_ssize_t r, k = 0
+    cdef int bits
+    cdef bytes data, starts
+    for data, starts, bits in tables:
+        if not 1 <= bits <= 24 or len(starts) != (((<Py_ssize_t> 1) << bits) + 1) * 4:
+            raise ValueError("starts do not match bits")
+        s = <const uint32_t *> PyBytes_AS_STRING(starts)
+        d = PyBytes_AS_STRING(data)
+        b = prefix >> (32 - bits)
+        if <Py_ssize_t> s[b + 1] * RECORD_SIZE > len(data):
+            raise ValueError("starts do not match the records")
+        for r in range(s[b], s[b + 1]):
+            if memcmp(d + r * RECORD_SIZE, idp, ID_SIZE) == 0:
+                return k
+        k += 1
+    return -1

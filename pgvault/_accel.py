@@ -32,6 +32,7 @@ __all__ = [
     "index_merge", "verify_pages",
     "index_locate", "open_blocks", "refs_runs", "refs_sort", "writeback",  # the read path
     "entries_refs",  # verify
+    "index_find_any",  # bounded index tables
 ]
 
 ENV_VAR = "PGVAULT_IMPL"
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
     )
     from pgvault._pure import index_locate, open_blocks, refs_runs, refs_sort, writeback  # the read path
     from pgvault._pure import entries_refs  # verify
+    from pgvault._pure import index_find_any  # bounded index tables
 else:
     _impl = _select()
     IMPL: str = _impl.IMPL
@@ -95,4 +97,5 @@ else:
     open_blocks = _impl.open_blocks
     writeback = _impl.writeback
     entries_refs = _impl.entries_refs  # verify
+    index_find_any = _impl.index_find_any  # bounded index tables
     del _impl

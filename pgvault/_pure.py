@@ -39,7 +39,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from operator import index as _index
 from operator import itemgetter
@@ -632,3 +632,19 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     return fn  # type: ignore[no-any-return]
+
+
+# ==========================================================================================
+# -- bounded index tables (branch memflat): twin of the native section of the same name ----
+# ==========================================================================================
+
+
+def index_find_any(tables: Sequence[tuple[bytes, bytes, int]], block_id: bytes) -> int:
+    """The position in tables (a sequence of (data, starts, bits) as index_find takes them) of
+    the first table holding block_id, or -1."""
+    if len(block_id) != _ID:
+        raise ValueError(f"block ids are {_ID} bytes, got {len(block_id)}")
+    for k, (data, starts, bits) in enumerate(tables):
+        if index_find(data, starts, bits, block_id) >= 0:
+            return k
+    return -1

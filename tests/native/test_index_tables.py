@@ -67,3 +67,25 @@ def test_bad_arguments(impl: ModuleType) -> None:
 
 def test_native_is_built_or_skipped() -> None:
     assert native is None or native.IMPL == "native"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_find_any_names_the_first_table_holding_an_id(impl: ModuleType) -> None:
+    rnd = random.Random(12)
+    tables = []
+    for bits in (8, 16, 8):
+        data, starts = impl.index_build(_sources(rnd), bits)
+        tables.append((data, starts, bits))
+    for k, (data, starts, bits) in enumerate(tables):
+        for pos in range(0, len(data), 48 * 37):
+            block_id = data[pos : pos + 32]
+            assert impl.index_find_any(tables, block_id) == k == pure.index_find_any(tables, block_id)
+    missing = rnd.randbytes(32)
+    assert impl.index_find_any(tables, missing) == -1 == pure.index_find_any(tables, missing)
+    assert impl.index_find_any([], missing) == -1
+    dup = tables[2][0][:32]
+    assert impl.index_find_any([tables[2], tables[0], tables[2]], dup) == 0
+    with pytest.raises(ValueError):
+        impl.index_find_any(tables, b"short")
+    with pytest.raises(ValueError):
+        impl.index_find_any([(tables[0][0], tables[0][1], 9)], missing)

@@ -61,3 +61,34 @@ def test_memory_per_block_is_about_fifty_bytes() -> None:
     index.load([("p", b"".join(ENTRY.pack(*e) for e in entries))])
     size = sum(sys.getsizeof(t.data) + sys.getsizeof(t.starts) for t in index._tables)
     assert size / len(entries) < 56
+
+
+def test_tables_stay_within_the_bound_through_loads_and_merges(monkeypatch) -> None:
+    """No table grows past MAX_TABLE_RECORDS (no merge copies the whole index), loading
+    consumes index objects batch by batch, and lookups still find every id."""
+    from pgvault.repository import index as index_mod
+
+    monkeypatch.setattr(index_mod, "MAX_TABLE_RECORDS", 1000)
+    rnd = random.Random(9)
+    loaded = {f"pack{i}": _entries(rnd, 150) for i in range(30)}
+    consumed = []
+
+    def bodies():
+        for pack, entries in loaded.items():
+            consumed.append(pack)
+            yield pack, b"".join(ENTRY.pack(*e) for e in entries)
+
+    index = Index()
+    index.load(bodies())
+    assert len(consumed) == 30 and len(index) == 4500
+    assert all(t.count <= 1000 + 150 for t in index._tables) and len(index._tables) >= 4
+    expect = {block_id: Location(p, o, n) for p, es in loaded.items() for block_id, o, n in es}
+    for i in range(60):
+        entries = _entries(rnd, 100)
+        index.add_pack(f"new{i}", entries)
+        expect.update((block_id, Location(f"new{i}", o, n)) for block_id, o, n in entries)
+    assert all(t.count <= 1000 + 150 for t in index._tables)
+    for block_id, loc in expect.items():
+        assert block_id in index and index.get(block_id) == loc
+    refs, missing = index.locate_many(b"".join(expect) + rnd.randbytes(32))
+    assert missing == 1
