@@ -314,7 +314,10 @@ class _Sampler:
         keep_early = early and not self.early_done
         if slot >= self.capacity and not keep_early:
             return None
-        packed = self._compressor.compress(data)  # also a copy: a view would keep its chunk alive
+        # A copy either way (a view would keep its whole chunk alive); copied once more because
+        # python-zstandard returns its output in a buffer of ZSTD_compressBound (8.3 KiB for a
+        # page), only marked shorter: kept as is, a sample of ~450 bytes held all 8.3 KiB.
+        packed = bytes(memoryview(self._compressor.compress(data)))
         if filling:
             self.reservoir.append(packed)
         elif slot < self.capacity:
