@@ -316,13 +316,17 @@ def changed_blocks(new_digests, old_digests, width=16) -> list:
 
 
 # -- the block index (pgvault/repository/index.py) ------------------------------------------
-# A table is `data`: records of 48 bytes (a 32-byte block id first), grouped in 2**bits buckets
-# by the id's leading bits, and `starts`: 2**bits + 1 native uint32 record numbers, bucket b
-# being records starts[b] .. starts[b+1]-1.
+# A table is `data`: records of 32 bytes (the block id's first 16 bytes, offset u64, stored
+# length u32, pack number u32), grouped in 2**bits buckets by the id's leading bits, and
+# `starts`: 2**bits + 1 native uint32 record numbers, bucket b being records starts[b] ..
+# starts[b+1]-1. Lookups compare the 16-byte key; REF records (the read path) stay 48 bytes.
 
 cdef enum:
     RECORD_SIZE = 48
     ID_SIZE = 32
+    TABLE_RECORD = 32
+    KEY_SIZE = 16
+    ENTRY_SIZE = 44
 
 
 cdef inline uint32_t _prefix(const unsigned char *p) nogil:
@@ -330,9 +334,9 @@ cdef inline uint32_t _prefix(const unsigned char *p) nogil:
 
 
 def index_build(sources, bits) -> tuple:
-    """One table from sources, a list of (records, stride, tail): records of ``stride`` bytes
-    (44 or 48) whose 48-byte form is the record followed by ``tail`` (48 - stride bytes).
-    Returns (data, starts) as bytes."""
+    """One table from sources, a list of (records, stride, tail): 44-byte index ENTRY records
+    (id, offset, length) with a 4-byte tail (the pack number), or 32-byte table records with
+    an empty tail. Returns (data, starts) as bytes."""
     cdef int nbits = _index(bits)
     if not 1 <= nbits <= 24:
         raise ValueError(f"bits must be in 1..24, got {nbits}")
@@ -342,13 +346,14 @@ def index_build(sources, bits) -> tuple:
     cdef Py_buffer view
     cdef const unsigned char *src
     cdef char *dst
+    cdef char *rec
     cdef const char *tail_p
     cdef uint32_t *counts
     cdef bytes starts, out, tail
     for body, stride_obj, tail in sources:
         stride = _index(stride_obj)
-        if stride not in (44, 48) or len(tail) != RECORD_SIZE - stride:
-            raise ValueError("stride must be 44 or 48, with a tail of 48 - stride bytes")
+        if not ((stride == ENTRY_SIZE and len(tail) == 4) or (stride == TABLE_RECORD and len(tail) == 0)):
+            raise ValueError("records must be 44 bytes with a 4-byte tail, or 32 bytes with none")
     counts = <uint32_t *> malloc((nb + 1) * sizeof(uint32_t))
     if counts == NULL:
         raise MemoryError()
@@ -370,7 +375,7 @@ def index_build(sources, bits) -> tuple:
         for b in range(1, nb + 1):
             counts[b] += counts[b - 1]
         starts = PyBytes_FromStringAndSize(<char *> counts, (nb + 1) * sizeof(uint32_t))
-        out = PyBytes_FromStringAndSize(NULL, total * RECORD_SIZE)
+        out = PyBytes_FromStringAndSize(NULL, total * TABLE_RECORD)
         dst = PyBytes_AS_STRING(out)
         for body, stride_obj, tail in sources:
             stride = stride_obj
@@ -381,8 +386,13 @@ def index_build(sources, bits) -> tuple:
                 src = <const unsigned char *> view.buf
                 for i in range(n):
                     b = _prefix(src + i * stride) >> shift
-                    memcpy(dst + <Py_ssize_t> counts[b] * RECORD_SIZE, src + i * stride, <size_t> stride)
-                    memcpy(dst + <Py_ssize_t> counts[b] * RECORD_SIZE + stride, tail_p, <size_t> (RECORD_SIZE - stride))
+                    rec = dst + <Py_ssize_t> counts[b] * TABLE_RECORD
+                    if stride == TABLE_RECORD:
+                        memcpy(rec, src + i * stride, TABLE_RECORD)
+                    else:
+                        memcpy(rec, src + i * stride, KEY_SIZE)
+                        memcpy(rec + KEY_SIZE, src + i * stride + ID_SIZE, 12)
+                        memcpy(rec + KEY_SIZE + 12, tail_p, 4)
                     counts[b] += 1
             finally:
                 PyBuffer_Release(&view)
@@ -398,7 +408,7 @@ def index_merge(bytes a, bytes a_starts, bytes b, bytes b_starts) -> tuple:
     cdef Py_ssize_t nb = len(a_starts) // 4 - 1, k, la, lb, pos = 0
     cdef const uint32_t *sa = <const uint32_t *> PyBytes_AS_STRING(a_starts)
     cdef const uint32_t *sb = <const uint32_t *> PyBytes_AS_STRING(b_starts)
-    if <Py_ssize_t> sa[nb] * RECORD_SIZE != len(a) or <Py_ssize_t> sb[nb] * RECORD_SIZE != len(b):
+    if <Py_ssize_t> sa[nb] * TABLE_RECORD != len(a) or <Py_ssize_t> sb[nb] * TABLE_RECORD != len(b):
         raise ValueError("starts do not match the records")
     cdef bytes out = PyBytes_FromStringAndSize(NULL, len(a) + len(b))
     cdef bytes starts = PyBytes_FromStringAndSize(NULL, len(a_starts))
@@ -408,17 +418,17 @@ def index_merge(bytes a, bytes a_starts, bytes b, bytes b_starts) -> tuple:
     cdef const char *pb = PyBytes_AS_STRING(b)
     for k in range(nb):
         so[k] = sa[k] + sb[k]
-        la = (sa[k + 1] - sa[k]) * RECORD_SIZE
-        lb = (sb[k + 1] - sb[k]) * RECORD_SIZE
-        memcpy(o + pos, pa + <Py_ssize_t> sa[k] * RECORD_SIZE, <size_t> la)
-        memcpy(o + pos + la, pb + <Py_ssize_t> sb[k] * RECORD_SIZE, <size_t> lb)
+        la = (sa[k + 1] - sa[k]) * TABLE_RECORD
+        lb = (sb[k + 1] - sb[k]) * TABLE_RECORD
+        memcpy(o + pos, pa + <Py_ssize_t> sa[k] * TABLE_RECORD, <size_t> la)
+        memcpy(o + pos + la, pb + <Py_ssize_t> sb[k] * TABLE_RECORD, <size_t> lb)
         pos += la + lb
     so[nb] = sa[nb] + sb[nb]
     return out, starts
 
 
 def index_find(bytes data, bytes starts, int bits, bytes block_id) -> int:
-    """Byte offset in data of the record of block_id, or -1."""
+    """Byte offset in data of the record of block_id (its first 16 bytes), or -1."""
     if len(block_id) != ID_SIZE:
         raise ValueError(f"block ids are {ID_SIZE} bytes, got {len(block_id)}")
     if not 1 <= bits <= 24 or len(starts) != (((<Py_ssize_t> 1) << bits) + 1) * 4:
@@ -428,11 +438,11 @@ def index_find(bytes data, bytes starts, int bits, bytes block_id) -> int:
     cdef const char *d = PyBytes_AS_STRING(data)
     cdef uint32_t b = _prefix(idp) >> (32 - bits)
     cdef Py_ssize_t r
-    if <Py_ssize_t> s[b + 1] * RECORD_SIZE > len(data):
+    if <Py_ssize_t> s[b + 1] * TABLE_RECORD > len(data):
         raise ValueError("starts do not match the records")
     for r in range(s[b], s[b + 1]):
-        if memcmp(d + r * RECORD_SIZE, idp, ID_SIZE) == 0:
-            return r * RECORD_SIZE
+        if memcmp(d + r * TABLE_RECORD, idp, KEY_SIZE) == 0:
+            return r * TABLE_RECORD
     return -1
 
 
@@ -726,7 +736,8 @@ cdef _DecompressionDict _ddict_for(object zdict):
 
 
 def index_locate(bytes data, bytes starts, int bits, ids, out) -> int:
-    """Look up many ids in one table: out holds one 48-byte REF record per 32-byte id of ids;
+    """Look up many ids in one table (by their first 16 bytes, as index_find): out holds one
+    48-byte REF record per 32-byte id of ids;
     records whose stored length is still 0 are looked up, and set to the table's record when
     found, else to the id with offset, length and pack number 0. Returns how many were found."""
     cdef Py_buffer iv, ov
@@ -739,7 +750,7 @@ def index_locate(bytes data, bytes starts, int bits, ids, out) -> int:
     if not 1 <= bits <= 24 or len(starts) != (((<Py_ssize_t> 1) << bits) + 1) * 4:
         raise ValueError("starts do not match bits")
     s = <const uint32_t *> PyBytes_AS_STRING(starts)
-    if <Py_ssize_t> s[(<Py_ssize_t> 1) << bits] * RECORD_SIZE != len(data):
+    if <Py_ssize_t> s[(<Py_ssize_t> 1) << bits] * TABLE_RECORD != len(data):
         raise ValueError("starts do not match the records")
     PyObject_GetBuffer(ids, &iv, PyBUF_SIMPLE)
     try:
@@ -758,8 +769,8 @@ def index_locate(bytes data, bytes starts, int bits, ids, out) -> int:
                     memcpy(rec, idp, ID_SIZE)
                     memset(rec + ID_SIZE, 0, RECORD_SIZE - ID_SIZE)
                     for r in range(s[b], s[b + 1]):
-                        if memcmp(d + r * RECORD_SIZE, idp, ID_SIZE) == 0:
-                            memcpy(rec, d + r * RECORD_SIZE, RECORD_SIZE)
+                        if memcmp(d + r * TABLE_RECORD, idp, KEY_SIZE) == 0:
+                            memcpy(rec + ID_SIZE, d + r * TABLE_RECORD + KEY_SIZE, TABLE_RECORD - KEY_SIZE)
                             found += 1
                             break
         finally:
@@ -1025,10 +1036,10 @@ def index_find_any(tables, bytes block_id) -> int:
         s = <const uint32_t *> PyBytes_AS_STRING(starts)
         d = PyBytes_AS_STRING(data)
         b = prefix >> (32 - bits)
-        if <Py_ssize_t> s[b + 1] * RECORD_SIZE > len(data):
+        if <Py_ssize_t> s[b + 1] * TABLE_RECORD > len(data):
             raise ValueError("starts do not match the records")
         for r in range(s[b], s[b + 1]):
-            if memcmp(d + r * RECORD_SIZE, idp, ID_SIZE) == 0:
+            if memcmp(d + r * TABLE_RECORD, idp, KEY_SIZE) == 0:
                 return k
         k += 1
     return -1

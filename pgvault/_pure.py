@@ -275,21 +275,26 @@ def changed_blocks(new_digests: Buffer, old_digests: Buffer, width: int = 16) ->
 # by the id's leading bits, and `starts`: 2**bits + 1 native uint32 record numbers, bucket b
 # being records starts[b] .. starts[b+1]-1.
 
-_RECORD = 48
+_RECORD = 48  # a REF record (the read path)
 _ID = 32
-_PREFIXES = {44: struct.Struct(">I40x"), 48: struct.Struct(">I44x")}
+# A table record: the block id's first 16 bytes (the key), offset u64, stored length u32, pack
+# number u32. Index ENTRY records (id, offset, length) are 44 bytes.
+_TREC = 32
+_KEY = 16
+_ENTRY = 44
+_PREFIXES = {_ENTRY: struct.Struct(">I40x"), _TREC: struct.Struct(">I28x")}
 
 
 def index_build(sources: list[tuple[Buffer, int, bytes]], bits: int) -> tuple[bytes, bytes]:
-    """One table from sources, a list of (records, stride, tail): records of ``stride`` bytes
-    (44 or 48) whose 48-byte form is the record followed by ``tail`` (48 - stride bytes).
-    Returns (data, starts) as bytes."""
+    """One table from sources, a list of (records, stride, tail): 44-byte index ENTRY records
+    (id, offset, length) with a 4-byte tail (the pack number), or 32-byte table records with
+    an empty tail. Returns (data, starts) as bytes."""
     nbits = _index(bits)
     if not 1 <= nbits <= 24:
         raise ValueError(f"bits must be in 1..24, got {nbits}")
     for _, stride, tail in sources:
-        if stride not in (44, 48) or len(tail) != _RECORD - stride:
-            raise ValueError("stride must be 44 or 48, with a tail of 48 - stride bytes")
+        if not ((stride == _ENTRY and len(tail) == 4) or (stride == _TREC and len(tail) == 0)):
+            raise ValueError("records must be 44 bytes with a 4-byte tail, or 32 bytes with none")
     shift = 32 - nbits
     counts = array("I", bytes(4 * ((1 << nbits) + 1)))
     total = 0
@@ -303,16 +308,18 @@ def index_build(sources: list[tuple[Buffer, int, bytes]], bits: int) -> tuple[by
     for b in range(1, len(counts)):
         counts[b] += counts[b - 1]
     starts = counts.tobytes()
-    out = bytearray(total * _RECORD)
+    out = bytearray(total * _TREC)
     for body, stride, tail in sources:
         view = _byte_view(body)
         for pos, (prefix,) in zip(range(0, len(view), stride), _PREFIXES[stride].iter_unpack(view)):
             b = prefix >> shift
-            dst = counts[b] * _RECORD
+            dst = counts[b] * _TREC
             counts[b] += 1
-            out[dst : dst + stride] = view[pos : pos + stride]
-            if tail:
-                out[dst + stride : dst + _RECORD] = tail
+            if stride == _TREC:
+                out[dst : dst + _TREC] = view[pos : pos + _TREC]
+            else:
+                out[dst : dst + _KEY] = view[pos : pos + _KEY]
+                out[dst + _KEY : dst + _TREC] = bytes(view[pos + _ID : pos + _ENTRY]) + tail
     return bytes(out), starts
 
 
@@ -321,12 +328,12 @@ def index_merge(a: bytes, a_starts: bytes, b: bytes, b_starts: bytes) -> tuple[b
     if len(a_starts) != len(b_starts) or len(a_starts) % 4 or len(a_starts) < 8:
         raise ValueError("tables of different widths")
     sa, sb = array("I", a_starts), array("I", b_starts)
-    if sa[-1] * _RECORD != len(a) or sb[-1] * _RECORD != len(b):
+    if sa[-1] * _TREC != len(a) or sb[-1] * _TREC != len(b):
         raise ValueError("starts do not match the records")
     parts = []
     for k in range(len(sa) - 1):
-        parts.append(a[sa[k] * _RECORD : sa[k + 1] * _RECORD])
-        parts.append(b[sb[k] * _RECORD : sb[k + 1] * _RECORD])
+        parts.append(a[sa[k] * _TREC : sa[k + 1] * _TREC])
+        parts.append(b[sb[k] * _TREC : sb[k + 1] * _TREC])
     return b"".join(parts), array("I", (x + y for x, y in zip(sa, sb))).tobytes()
 
 
@@ -334,20 +341,21 @@ _U32_PAIR = struct.Struct("=II")
 
 
 def index_find(data: bytes, starts: bytes, bits: int, block_id: bytes) -> int:
-    """Byte offset in data of the record of block_id, or -1."""
+    """Byte offset in data of the record of block_id (its first 16 bytes), or -1."""
     if len(block_id) != _ID:
         raise ValueError(f"block ids are {_ID} bytes, got {len(block_id)}")
     if not 1 <= bits <= 24 or len(starts) != ((1 << bits) + 1) * 4:
         raise ValueError("starts do not match bits")
     b = int.from_bytes(block_id[:4], "big") >> (32 - bits)
     lo, hi = _U32_PAIR.unpack_from(starts, 4 * b)
-    lo *= _RECORD
-    hi *= _RECORD
+    lo *= _TREC
+    hi *= _TREC
     if hi > len(data):
         raise ValueError("starts do not match the records")
-    pos = data.find(block_id, lo, hi)
-    while pos >= 0 and (pos - lo) % _RECORD:  # a match across two records is not an id
-        pos = data.find(block_id, pos + 1, hi)
+    key = block_id[:_KEY]
+    pos = data.find(key, lo, hi)
+    while pos >= 0 and (pos - lo) % _TREC:  # a match across fields or records is not a key
+        pos = data.find(key, pos + 1, hi)
     return pos
 
 
@@ -374,12 +382,13 @@ class _Fault(Exception):
 
 
 def index_locate(data: bytes, starts: bytes, bits: int, ids: bytes | memoryview, out: bytearray) -> int:
-    """Look up many ids in one table: out holds one 48-byte REF record per 32-byte id of ids;
+    """Look up many ids in one table (by their first 16 bytes, as index_find): out holds one
+    48-byte REF record per 32-byte id of ids;
     records whose stored length is still 0 are looked up, and set to the table's record when
     found, else to the id with offset, length and pack number 0. Returns how many were found."""
     if not 1 <= bits <= 24 or len(starts) != ((1 << bits) + 1) * 4:
         raise ValueError("starts do not match bits")
-    if array("I", starts[-4:])[0] * _RECORD != len(data):
+    if array("I", starts[-4:])[0] * _TREC != len(data):
         raise ValueError("starts do not match the records")
     ids = _byte_view(ids)
     if len(ids) % _ID or len(out) != len(ids) // _ID * _RECORD:
@@ -392,7 +401,7 @@ def index_locate(data: bytes, starts: bytes, bits: int, ids: bytes | memoryview,
         block_id = bytes(ids[k * _ID : k * _ID + _ID])
         pos = index_find(data, starts, bits, block_id)
         if pos >= 0:
-            out[rec : rec + _RECORD] = data[pos : pos + _RECORD]
+            out[rec : rec + _RECORD] = block_id + data[pos + _KEY : pos + _TREC]
             found += 1
         else:
             out[rec : rec + _RECORD] = block_id + bytes(_RECORD - _ID)

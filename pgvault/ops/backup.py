@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from pgvault._malloc import bound_heap
 from pgvault import __version__
 from pgvault.config import Options
 from pgvault.errors import ConfigError, PostgresError, WalError
@@ -217,6 +218,7 @@ def _stream(
 
 
 def backup(opts: Options) -> BackupResult:
+    bound_heap()  # before the worker threads start (pgvault/_malloc.py)
     stanza = opts.require_stanza()
     kind = opts.type or "incr"
     if kind not in ("full", "incr"):

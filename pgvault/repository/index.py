@@ -5,8 +5,8 @@ backend only ever names packs that exist.
 
 In memory the index must stay small as the database grows (a dict of Location objects cost
 ~300 bytes a block, and peak RSS grew with it: 65 MB at pgbench scale 100, 132 MB at 300). So it
-is a few tables of fixed 48-byte records (id, offset, length, pack number) in one bytes object
-each, bucketed by the leading 16 bits of the id (more beyond ~4M blocks). Block ids are keyed
+is a few tables of fixed 32-byte records (16 bytes of the id, offset, length, pack number) in one
+bytes object each, bucketed by the leading 16 bits of the id (more beyond ~4M blocks). Block ids are keyed
 BLAKE3 digests, so those bits are uniform. A lookup compares the id with the records of its
 bucket (pgvault._accel: native, or a pure-Python twin that uses ``bytes.find``). Tables are
 built by a counting sort, with no per-record Python objects. Each pack a running backup adds
@@ -32,8 +32,15 @@ from pgvault.errors import IntegrityError
 
 ENTRY = struct.Struct("<32sQI")  # on disk: block id, offset in pack, stored length
 ID_SIZE = 32
-RECORD = struct.Struct("<32sQII")  # in memory: an ENTRY followed by the pack's number
-# Records of a table at most (6 MiB), so that building or merging one never holds more than
+RECORD = struct.Struct("<32sQII")  # a REF record (the read path): an ENTRY and the pack's number
+# In memory (the tables): the first 16 bytes of the id, then as RECORD. Two stored blocks whose
+# ids share 16 bytes would be taken for one (a backup would not store the second): with n
+# blocks the odds are ~n^2 / 2^129, 1.5e-21 for a billion blocks, and a block read by a wrong
+# record fails authentication (the envelope's context is the whole id), so it is never wrong
+# silently. 32 bytes a block instead of 48.
+TABLE_RECORD = struct.Struct("<16sQII")
+KEY_SIZE = 16
+# Records of a table at most (4 MiB), so that building or merging one never holds more than
 # twice that besides the index; ~4.6 tables at pgbench scale 300 (595k blocks).
 MAX_TABLE_RECORDS = 1 << 17
 _PACK_NO = struct.Struct("<I")
@@ -83,7 +90,7 @@ class _Table:
         self.data = data
         self.starts = starts
         self.bits = bits
-        self.count = len(data) // RECORD.size
+        self.count = len(data) // TABLE_RECORD.size
 
     @staticmethod
     def bits_for(count: int) -> int:
@@ -93,10 +100,13 @@ class _Table:
 
     @classmethod
     def build(cls, sources: Sequence[tuple[bytes | memoryview, int | None]]) -> _Table:
-        """sources: (ENTRY records, pack number) or (RECORD records, None). A counting sort."""
-        count = sum(len(body) // (RECORD.size if pno is None else ENTRY.size) for body, pno in sources)
+        """sources: (ENTRY records, pack number) or (TABLE_RECORD records, None). A counting sort."""
+        count = sum(len(body) // (TABLE_RECORD.size if pno is None else ENTRY.size) for body, pno in sources)
         bits = cls.bits_for(count)
-        spec = [(body, RECORD.size, b"") if pno is None else (body, ENTRY.size, _PACK_NO.pack(pno)) for body, pno in sources]
+        spec = [
+            (body, TABLE_RECORD.size, b"") if pno is None else (body, ENTRY.size, _PACK_NO.pack(pno))
+            for body, pno in sources
+        ]
         data, starts = _accel.index_build(spec, bits)
         return cls(data, starts, bits)
 
@@ -143,7 +153,7 @@ class Index:
         if k < 0:
             return None
         table = tables[k]
-        _, offset, length, pno = RECORD.unpack_from(table.data, table.find(block_id))
+        _, offset, length, pno = TABLE_RECORD.unpack_from(table.data, table.find(block_id))
         return Location(self._packs[pno], offset, length)
 
     def locate_many(self, ids: bytes | bytearray | memoryview) -> tuple[bytearray, int]:

@@ -28,22 +28,24 @@ def test_build_find_merge(impl: ModuleType) -> None:
     sources = _sources(rnd)
     data, starts = impl.index_build(sources, 8)
     assert (data, starts) == pure.index_build(sources, 8)
-    records = {data[i : i + 48] for i in range(0, len(data), 48)}
-    assert records == {body[i : i + 44] + tail for body, _, tail in sources for i in range(0, len(body), 44)}
-    for record in records:
-        pos = impl.index_find(data, starts, 8, record[:32])
-        assert data[pos : pos + 48] == record
+    records = {data[i : i + 32] for i in range(0, len(data), 32)}
+    entries = {body[i : i + 44] + tail for body, _, tail in sources for i in range(0, len(body), 44)}
+    assert records == {e[:16] + e[32:] for e in entries}  # 16 bytes of the id, offset, length, pack
+    for entry in entries:
+        pos = impl.index_find(data, starts, 8, entry[:32])
+        assert data[pos : pos + 32] == entry[:16] + entry[32:]
+        assert impl.index_find(data, starts, 8, entry[:16] + rnd.randbytes(16)) == pos  # the key is 16 bytes
     assert impl.index_find(data, starts, 8, rnd.randbytes(32)) == -1
-    other, other_starts = impl.index_build([(data, 48, b"")], 8)  # 48-byte records rebuild as is
-    assert sorted(other[i : i + 48] for i in range(0, len(other), 48)) == sorted(records)
+    other, other_starts = impl.index_build([(data, 32, b"")], 8)  # table records rebuild as is
+    assert sorted(other[i : i + 32] for i in range(0, len(other), 32)) == sorted(records)
     more = _sources(rnd)
     data2, starts2 = impl.index_build(more, 8)
     merged = impl.index_merge(data, starts, data2, starts2)
     assert merged == pure.index_merge(data, starts, data2, starts2)
     rebuilt = impl.index_build(sources + more, 8)
     assert merged[1] == rebuilt[1]  # same buckets; within a bucket the order may differ
-    assert sorted(merged[0][i : i + 48] for i in range(0, len(merged[0]), 48)) == sorted(
-        rebuilt[0][i : i + 48] for i in range(0, len(rebuilt[0]), 48)
+    assert sorted(merged[0][i : i + 32] for i in range(0, len(merged[0]), 32)) == sorted(
+        rebuilt[0][i : i + 32] for i in range(0, len(rebuilt[0]), 32)
     )
 
 
@@ -53,6 +55,8 @@ def test_bad_arguments(impl: ModuleType) -> None:
         impl.index_build([(b"x" * 44, 40, b"")], 8)
     with pytest.raises(ValueError):
         impl.index_build([(b"x" * 45, 44, b"abcd")], 8)
+    with pytest.raises(ValueError):
+        impl.index_build([(b"x" * 48, 48, b"")], 8)  # 48-byte records are REF records, not tables
     with pytest.raises(ValueError):
         impl.index_build([], 0)
     data, starts = impl.index_build([], 4)
@@ -77,13 +81,13 @@ def test_find_any_names_the_first_table_holding_an_id(impl: ModuleType) -> None:
         data, starts = impl.index_build(_sources(rnd), bits)
         tables.append((data, starts, bits))
     for k, (data, starts, bits) in enumerate(tables):
-        for pos in range(0, len(data), 48 * 37):
-            block_id = data[pos : pos + 32]
+        for pos in range(0, len(data), 32 * 37):
+            block_id = data[pos : pos + 16] + bytes(16)  # a lookup compares 16 bytes
             assert impl.index_find_any(tables, block_id) == k == pure.index_find_any(tables, block_id)
     missing = rnd.randbytes(32)
     assert impl.index_find_any(tables, missing) == -1 == pure.index_find_any(tables, missing)
     assert impl.index_find_any([], missing) == -1
-    dup = tables[2][0][:32]
+    dup = tables[2][0][:16] + bytes(16)
     assert impl.index_find_any([tables[2], tables[0], tables[2]], dup) == 0
     with pytest.raises(ValueError):
         impl.index_find_any(tables, b"short")

@@ -158,7 +158,7 @@ def test_index_locate(impl: ModuleType) -> None:
         rec = out[k * 48 : k * 48 + 48]
         assert rec[:32] == block_id
         pos = pure.index_find(data, starts, 8, block_id)
-        assert rec == (data[pos : pos + 48] if pos >= 0 else block_id + bytes(16))
+        assert rec == (block_id + data[pos + 16 : pos + 32] if pos >= 0 else block_id + bytes(16))
     assert impl.index_locate(data, starts, 8, blob, out) == 0  # found ones are not looked up again
     with pytest.raises(ValueError):
         impl.index_locate(data, starts, 8, blob, bytearray(10))

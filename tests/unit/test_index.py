@@ -45,22 +45,31 @@ def test_a_block_in_two_packs_is_found_in_either() -> None:
 
 
 def test_an_id_straddling_two_records_is_not_a_match() -> None:
-    """bytes.find may match across record boundaries; only aligned matches are ids."""
+    """bytes.find may match across record fields or boundaries; only aligned matches are keys."""
     index = Index()
-    first, second = b"\x00" * 16 + b"\x11" * 16, b"\x00" * 16 + b"\x22" * 16
+    first, second = b"\x11" * 32, b"\x11" * 2 + b"\x22" * 30  # one bucket
     index.add_pack("p", [(first, 0x1111111111111111, 0x11111111), (second, 1, 1)])
-    fake = b"\x11" * 16 + (0x1111111111111111).to_bytes(8, "little") + b"\x11" * 8
-    assert fake not in index
+    fake = b"\x11" * 12 + b"\x00" * 4 + b"\x33" * 16  # offset, length and pack number of first
+    assert fake not in index and index.get(fake) is None
     assert index.get(second) == Location("p", 1, 1)
 
 
-def test_memory_per_block_is_about_fifty_bytes() -> None:
+def test_ids_are_keyed_by_their_first_16_bytes() -> None:
+    """Documented (index.TABLE_RECORD): ids sharing 16 bytes are one key (odds ~n^2 / 2^129)."""
+    index = Index()
+    block_id = os.urandom(32)
+    index.add_pack("p", [(block_id, 7, 9)])
+    assert index.get(block_id[:16] + os.urandom(16)) == Location("p", 7, 9)
+    assert os.urandom(16) + block_id[16:] not in index
+
+
+def test_memory_per_block_is_about_thirty_five_bytes() -> None:
     rnd = random.Random(3)
     index = Index()
     entries = _entries(rnd, 100000)
     index.load([("p", b"".join(ENTRY.pack(*e) for e in entries))])
     size = sum(sys.getsizeof(t.data) + sys.getsizeof(t.starts) for t in index._tables)
-    assert size / len(entries) < 56
+    assert size / len(entries) < 36
 
 
 def test_tables_stay_within_the_bound_through_loads_and_merges(monkeypatch) -> None:

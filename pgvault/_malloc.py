@@ -1,0 +1,39 @@
+"""glibc malloc settings for the long, multi-threaded commands (backup, restore).
+
+Measured on first fulls of pgbench (PG 15, --jobs 2): with glibc's defaults the peak RSS was
+100-107 MB at scale 100 and 142-159 MB at scale 300, while the index and every buffer the
+backup holds account for ~25 MB more at scale 300 than at 100. The rest was the allocator:
+glibc raises its mmap threshold each time a large block (a 4 MiB block list, a 1 MiB pack
+buffer, an index table) is freed, so later large blocks come from the heaps of the worker
+threads (one arena per thread) and their freed pages stay mapped. A fixed 1 MiB threshold
+(large blocks always mmapped, returned at free) and two arenas: 93 MB at scale 100, 115 MB at
+300, for the same CPU time.
+
+Only glibc has mallopt; elsewhere this does nothing. ctypes is imported here, never on the
+wal-push path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("pgvault.malloc")
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD = 1 << 20
+ARENA_MAX = 2
+
+
+def bound_heap() -> None:
+    """Apply the settings above; call before the worker threads start."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    if not (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_ARENA_MAX, ARENA_MAX)):
+        log.debug("mallopt refused the heap settings")
