@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgvault._malloc import bound_heap
 from pgvault import _accel
 from pgvault.config import Options, repo_option_args
 from pgvault.durable import fsync_dir
@@ -205,7 +204,6 @@ def _set_attributes(path: Path, entry: FileEntry) -> None:
 
 
 def restore(opts: Options) -> RestoreResult:
-    bound_heap()  # before the worker threads start (pgvault/_malloc.py)
     stanza = opts.require_stanza()
     if not opts.pg_data:
         raise ConfigError("restore needs --pg-data: the directory to restore into")

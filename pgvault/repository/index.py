@@ -59,13 +59,6 @@ def encode_header(pack: str) -> bytes:
     return struct.pack("<H", len(name)) + name
 
 
-def encode_entries(pack: str, entries: Iterable[tuple[bytes, int, int]]) -> bytes:
-    out = bytearray(encode_header(pack))
-    for block_id, offset, length in entries:
-        out += ENTRY.pack(block_id, offset, length)
-    return bytes(out)
-
-
 def decode_body(data: bytes) -> tuple[str, memoryview]:
     """The pack name and the raw ENTRY records of an index object, without unpacking them."""
     (name_len,) = struct.unpack_from("<H", data)
