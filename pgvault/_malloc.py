@@ -6,10 +6,11 @@ backup holds account for ~25 MB more at scale 300 than at 100. The rest was the 
 glibc raises its mmap threshold each time a large block (a 4 MiB block list, a 1 MiB pack
 buffer, an index table) is freed, so later large blocks come from the heaps of the worker
 threads (one arena per thread) and their freed pages stay mapped. A fixed 1 MiB threshold
-(large blocks always mmapped, returned at free): 91 MB at scale 100 and 107 MB at 300 (with
-the 32-byte index records), for about the same CPU time (+0.1 s of 6.2 s). Limiting arenas to
-two as well saved ~2 MB more but made restores ~1 s slower. Restores do not use this: their
-8 MiB ranged reads, mmapped afresh each time, cost ~1 s more CPU in page faults (scale 100).
+(large blocks always mmapped, returned at free): 93 MB at scale 100; with the 32-byte index
+records too, 92 MB at scale 100 and 108 MB at 300, for about the same CPU time (+0.1 s of
+6.2 s in an A/B). Limiting arenas to two as well saved ~2 MB more but made restores ~1 s
+slower. Restores do not use this: their 8 MiB ranged reads, mmapped afresh each time, cost
+~1 s more CPU in page faults (scale 100).
 
 Only glibc has mallopt; elsewhere this does nothing. ctypes is imported here, never on the
 wal-push path.
