@@ -125,3 +125,11 @@ def open_upload(backend: Backend, key: str) -> Upload:
     """A streaming upload where the backend has one (``open_upload``), else a buffered one."""
     opener = getattr(backend, "open_upload", None)
     return opener(key) if opener is not None else BufferedUpload(backend, key)
+
+
+def sweep_temp(backend: Backend, prefix: str, older_than: float) -> int:
+    """Remove a backend's leftovers of interrupted writes under prefix older than older_than
+    seconds (``sweep_temp``: only the filesystem has any; an object store's put is atomic and
+    its abandoned multipart uploads are the bucket's lifecycle rules' job). Returns how many."""
+    sweeper = getattr(backend, "sweep_temp", None)
+    return int(sweeper(prefix, older_than)) if sweeper is not None else 0

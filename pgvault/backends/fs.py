@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -135,6 +136,26 @@ class FsBackend:
                     found.append(ObjectInfo(key, size))
         found.sort(key=lambda info: info.key)
         return iter(found)
+
+    def sweep_temp(self, prefix: str, older_than: float) -> int:
+        """Remove the hidden temp files under the directory prefix names that were last
+        written over older_than seconds ago: what a writer killed between creating one and
+        renaming it into place left (invisible to list(), but taking space). Returns how many."""
+        start = self.root / prefix.rstrip("/") if prefix else self.root
+        cutoff = time.time() - older_than
+        removed = 0
+        for dirpath, _, filenames in os.walk(start):
+            for name in filenames:
+                if not name.startswith(".tmp."):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.stat(path).st_mtime <= cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # renamed into place or removed meanwhile
+        return removed
 
     def delete(self, key: str) -> None:
         try:

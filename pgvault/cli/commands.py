@@ -140,6 +140,7 @@ def _gc_line(gc: dict[str, Any]) -> str:
         f"gc: {gc['packs_deleted']} packs deleted, {gc['packs_repacked']} repacked into {gc['packs_written']}, "
         f"{gc['packs_orphaned']} orphans; {verb} {gc['bytes_freed'] / 2**20:.1f} MiB, "
         f"{gc['bytes_unused'] / 2**20:.1f} MiB unused left in mostly-live packs"
+        + (f"; {gc['temp_deleted']} temp files of killed writers removed" if gc.get("temp_deleted") else "")
     )
 
 

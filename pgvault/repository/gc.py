@@ -9,7 +9,11 @@ block-list blocks and the server's backup_manifest. Sweep, pack by pack:
   max_unused of the repository (restic's --max-unused: space against repacking I/O);
 - a pack without an index object (left by a killed backup or GC) is deleted;
 - an index object whose pack is gone is deleted, unless a live block is only there (then the
-  repository is damaged and GC stops, so that verify can name the backups affected).
+  repository is damaged and GC stops, so that verify can name the backups affected);
+- on the filesystem, temp files of packs and index objects whose writer was killed before
+  renaming them into place (packs stream into theirs as they fill, so they can be large): any
+  age, since no backup can be writing under the exclusive lock; elsewhere (WAL, which wal-push
+  writes without a lock) only those older than TEMP_STALE.
 
 Order, so that a kill at any moment leaves a valid repository:
 1. write the new packs, each followed by its index object (PackWriter);
@@ -26,6 +30,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from pgvault.backends.base import sweep_temp
 from pgvault.errors import IntegrityError
 from pgvault.pipeline import envelope
 from pgvault.repository import layout
@@ -42,6 +47,8 @@ log = logging.getLogger(__name__)
 REPACK_BELOW = 0.5
 # And beyond that, while unreferenced bytes left in packs exceed this share of the repository.
 MAX_UNUSED = 0.10
+# Age after which a temp file outside packs/ and index/ is a leftover, not a write in progress.
+TEMP_STALE = 3600.0
 
 Entry = tuple[bytes, int, int]
 
@@ -58,6 +65,7 @@ class GcResult:
     bytes_deleted: int = 0
     bytes_written: int = 0
     bytes_unused: int = 0  # dead blocks left in packs that stay (below the repack threshold)
+    temp_deleted: int = 0  # leftovers of killed writers (filesystem temp files)
     dry_run: bool = False
     delete: list[str] = field(default_factory=list)
     repack: list[str] = field(default_factory=list)
@@ -77,6 +85,7 @@ class GcResult:
             "blocks_copied": self.blocks_copied,
             "bytes_freed": self.bytes_freed,
             "bytes_unused": self.bytes_unused,
+            "temp_deleted": self.temp_deleted,
             "dry_run": self.dry_run,
         }
 
@@ -163,6 +172,12 @@ def collect(repo: Repository, lock: RepositoryLock | None, *, dry_run: bool = Fa
             length for p in repack for block_id, _, length in present[p] if block_id in live and block_id not in in_kept
         )
         return result
+
+    # 0. Leftovers of killed writers: nothing refers to a temp file, so any order is safe.
+    if lock is not None:
+        lock.ensure_held()
+    result.temp_deleted = sum(sweep_temp(repo.backend, prefix, 0.0) for prefix in ("packs/", "index/"))
+    result.temp_deleted += sweep_temp(repo.backend, "", TEMP_STALE)
 
     # 1. Live blocks of the packs to repack into new packs, each followed by its index object.
     writer = PackWriter(repo.backend, repo.keys, Index(), repo.settings.pack_size)

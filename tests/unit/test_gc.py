@@ -200,3 +200,35 @@ def test_max_unused_bounds_the_dead_bytes_left_in_packs() -> None:
     live = gc.mark(repo)
     assert all(e[0] in live for entries in repo.pack_indexes().values() for e in entries)
     assert run_verify(repo).ok
+
+
+def test_gc_removes_temp_files_of_killed_writers_on_the_filesystem(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A backup killed while a pack streams into its temp file leaves the file behind, invisible
+    to list(): GC (under the exclusive lock) removes it at any age, and other temp files (a
+    wal-push may be writing one without a lock) only once they are TEMP_STALE old."""
+    import os
+    import time
+
+    from pgvault.backends.fs import FsBackend
+
+    backend = FsBackend(tmp_path / "repo")
+    repo = new_repo(backend)
+    write_backup(repo, "a", "20260101-000000F", {"base/1": data(1, 40_000)}, (1, 2))
+    before = restore_all(repo)
+    killed = backend.open_upload(layout.pack_key("cd" * 16))  # the kill: never committed or aborted
+    killed.write(b"x" * 100_000)
+    fresh = backend._path("wal/fresh").parent / ".tmp.fresh.1"
+    stale = backend._path("wal/stale").parent / ".tmp.stale.1"
+    for path in (fresh, stale):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"segment being written")
+    old = time.time() - gc.TEMP_STALE - 60
+    os.utime(stale, (old, old))
+
+    assert gc.collect(repo, None, dry_run=True).temp_deleted == 0  # a dry run deletes nothing
+    result = gc.collect(repo, None)
+
+    leftovers = sorted(p.name for p in (tmp_path / "repo").rglob(".tmp.*"))
+    assert result.temp_deleted == 2
+    assert leftovers == [fresh.name]
+    assert run_verify(repo).ok and restore_all(repo) == before
