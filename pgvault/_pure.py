@@ -657,3 +657,100 @@ def index_find_any(tables: Sequence[tuple[bytes, bytes, int]], block_id: bytes) 
         if index_find(data, starts, bits, block_id) >= 0:
             return k
     return -1
+
+
+# ==========================================================================================
+# The write path (backup): sealing a chunk's new blocks (repository/blockstore.py).
+# ==========================================================================================
+
+_SEAL_HEADER = struct.Struct("<4sBBBBQ")
+_PAGE_BOUNDS = struct.Struct("<HHH")  # pd_lower, pd_upper, pd_special at offset 12
+
+
+def _page_class(block: memoryview) -> int:
+    """1 for a PostgreSQL page with special space (blockstore.page_class "s"), else 0."""
+    if len(block) < BLCKSZ:
+        return 0
+    lower, upper, special = _PAGE_BOUNDS.unpack_from(block, 12)
+    return 1 if 24 <= lower <= upper <= special < BLCKSZ else 0
+
+
+def seal_blocks(
+    data: Buffer,
+    block_size: int,
+    ids: Buffer,
+    members: list[int],
+    kind: int,
+    codec: int,
+    level: int,
+    zdicts: tuple[object, object],
+    key: bytes | None,
+) -> tuple[bytes, bytes, bytes]:
+    """Seal blocks of data (block i is data[i*block_size:(i+1)*block_size], the last may be
+    short) for the indices in members, each with its 32-byte context ids[32*i:32*i+32],
+    as envelope.seal would: compressed with codec (0 none, 1 zstd, 2 lz4; 3 is taken as 1) at
+    level, zstd blocks with zdicts[page class] when that is not None (codec 3 then), stored
+    when compression does not make a block smaller; key: the data key, or None (unencrypted
+    repository: xxh3-128 checksum).
+
+    Returns (out, ends, classes): out, the sealed objects one after another; ends, one u64
+    per member, the end of its object in out; classes, one byte per member, 1 for a page
+    with special space (blockstore.page_class "s"), else 0."""
+    import os
+
+    import xxhash
+    import zstandard
+
+    codec = 1 if codec == 3 else codec
+    if codec not in (0, 1, 2):
+        raise ValueError(f"unknown codec id {codec}")
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    view = _byte_view(data)
+    contexts = _byte_view(ids)
+    nblocks = -(-len(view) // block_size)
+    if len(contexts) != nblocks * 32:
+        raise ValueError("ids must hold 32 bytes for each block of data")
+    if key is not None and len(key) != 32:
+        raise ValueError("the data key is 32 bytes")
+    compressors: dict[int, object] = {}
+    parts: list[bytes] = []
+    ends = array("Q")
+    classes = bytearray()
+    total = 0
+    for i in members:
+        if i < 0 or i >= nblocks:
+            raise ValueError(f"block {i} is beyond the data")
+        block = view[i * block_size : (i + 1) * block_size]
+        cls = _page_class(block)
+        used, payload = 0, bytes(block)
+        if codec == 1:
+            zdict = zdicts[cls]
+            comp = compressors.get(cls)
+            if comp is None:
+                if zdict is None:
+                    comp = zstandard.ZstdCompressor(level=level, write_content_size=True)
+                else:
+                    comp = zstandard.ZstdCompressor(level=level, write_content_size=True, dict_data=zdict)
+                compressors[cls] = comp
+            used, payload = (1 if zdict is None else 3), comp.compress(block)  # type: ignore[attr-defined]
+        elif codec == 2:
+            import lz4.block
+
+            used, payload = 2, lz4.block.compress(block, store_size=False, mode="default")
+        if used and len(payload) >= len(block):
+            used, payload = 0, bytes(block)
+        header = _SEAL_HEADER.pack(b"PGVO", 1, kind, used, 0 if key is None else 1, len(block))
+        context = bytes(contexts[i * 32 : (i + 1) * 32])
+        if key is None:
+            sealed = header + payload + xxhash.xxh3_128_digest(header + context + payload)
+        else:
+            from nacl import bindings
+
+            nonce = os.urandom(24)
+            sealed = header + nonce + bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(payload, header + context, nonce, key)
+        parts.append(sealed)
+        total += len(sealed)
+        ends.append(total)
+        classes.append(cls)
+    return b"".join(parts), ends.tobytes(), bytes(classes)

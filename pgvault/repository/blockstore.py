@@ -72,7 +72,10 @@ class BlockResult:
 @dataclass(frozen=True)
 class ChunkResult:
     ids: bytes  # 32 bytes a block
-    sealed: list[bytes | None]  # None: the repository already has the block
+    count: int  # blocks
+    new: list[int]  # the blocks the repository lacked (indices), sealed in out
+    out: bytes  # their sealed objects one after another (_accel.seal_blocks)
+    ends: bytes  # u64 end of each one's object in out
     checksum_failures: list[int]
 
 
@@ -107,6 +110,7 @@ class BlockStore:
         self.pool = pool
         self.codec = codec
         self.level = level
+        self._level = codecs.DEFAULT_LEVELS[codec] if level is None else level
         self.packs = PackWriter(repo.backend, repo.keys, repo.index, repo.settings.pack_size, background=True)
         self.blocks_total = 0
         self.blocks_new = 0
@@ -194,28 +198,33 @@ class BlockStore:
 
     def _seal_chunk(self, chunk: memoryview, check: PageCheck | None) -> ChunkResult:
         """Worker: consecutive blocks of one file as one task. Page checksums, content ids,
-        and the sealed blocks the repository lacks, compressed in one call: every call that
-        releases the GIL costs a worker a wait for the producing thread (see
-        codecs.compress_many), so this makes three calls per chunk instead of three per block."""
+        and the sealed blocks the repository lacks, all in one native call each: every call
+        that releases the GIL costs a worker a wait for the producing thread (see
+        codecs.compress_many), and the sealing call (_accel.seal_blocks: page class,
+        compression with the class's dictionary, envelope) does per chunk what Python did
+        per block."""
         view = memoryview(chunk)
         size = self.block_size
         failures = self._page_failures(view, check)
-        ids = [self.keys.block_id(view[pos : pos + size]) for pos in range(0, len(chunk), size)]
-        new = [i for i, block_id in enumerate(ids) if not self.packs.has(block_id)]
-        sealed: list[bytes | None] = [None] * len(ids)
-        by_class: dict[str, list[int]] = {}
-        for i in new:
-            by_class.setdefault(page_class(view, i * size), []).append(i)
-        for cls, members in by_class.items():
-            blocks = [view[i * size : (i + 1) * size] for i in members]
-            if self._sampling:
-                for block in blocks:
-                    self._sample(block, cls)
-            contexts = [ids[i] for i in members]
-            objs = envelope.seal_many(self.keys, envelope.Kind.BLOCK, blocks, contexts, self.codec, self.level, self.zdicts[cls])
-            for i, obj in zip(members, objs):
-                sealed[i] = obj
-        return ChunkResult(b"".join(ids), sealed, failures)
+        block_id, has = self.keys.block_id, self.packs.has
+        ids = [block_id(view[pos : pos + size]) for pos in range(0, len(chunk), size)]
+        new = [i for i, known in enumerate(ids) if not has(known)]
+        joined = b"".join(ids)
+        if not new:
+            return ChunkResult(joined, len(ids), new, b"", b"", failures)
+        zdicts = (self.zdicts[""], self.zdicts[SPECIAL_CLASS])
+        out, ends, classes = _accel.seal_blocks(
+            view, size, joined, new, envelope.Kind.BLOCK, self.codec, self._level, zdicts, self.keys.data_key
+        )
+        if self._sampling:
+            self._sample_chunk(view, new, classes)
+        return ChunkResult(joined, len(ids), new, out, ends, failures)
+
+    def _sample_chunk(self, view: memoryview, new: list[int], classes: bytes) -> None:
+        """Worker: offer a chunk's new blocks to their classes' samplers."""
+        size = self.block_size
+        for i, cls in zip(new, classes):
+            self._sample(view[i * size : (i + 1) * size], SPECIAL_CLASS if cls else "")
 
     def submit_chunk(
         self, chunk: memoryview, check: PageCheck | None, on_done: Callable[[ChunkResult], None]
@@ -223,13 +232,16 @@ class BlockStore:
         """Whole blocks of one file (the last may be short) as one task of ~256 KiB."""
 
         def done(result: ChunkResult) -> None:
-            self.blocks_total += len(result.sealed)
-            for i, sealed in enumerate(result.sealed):
-                if sealed is not None:
-                    block_id = result.ids[i * 32 : (i + 1) * 32]
-                    if not self.packs.has(block_id):
-                        self.packs.add(block_id, sealed)
+            self.blocks_total += result.count
+            if result.new:
+                ids, out, has, add = result.ids, memoryview(result.out), self.packs.has, self.packs.add
+                start = 0
+                for i, end in zip(result.new, memoryview(result.ends).cast("Q")):
+                    block_id = ids[i * 32 : i * 32 + 32]
+                    if not has(block_id):
+                        add(block_id, out[start:end])
                         self.blocks_new += 1
+                    start = end
             on_done(result)
 
         self.pool.submit(self._seal_chunk, chunk, check, on_done=done)
