@@ -4,7 +4,7 @@
     from pgvault._accel import index_build, index_merge, index_find
     from pgvault._accel import index_locate, refs_sort, refs_runs, open_blocks, writeback  # the read path
     from pgvault._accel import entries_refs  # verify
-    from pgvault._accel import seal_blocks  # the write path
+    from pgvault._accel import block_ids, seal_blocks  # the write path
 
 ``PGVAULT_IMPL`` selects the implementation, read once at first import:
 
@@ -34,7 +34,7 @@ __all__ = [
     "index_locate", "open_blocks", "refs_runs", "refs_sort", "writeback",  # the read path
     "entries_refs",  # verify
     "index_find_any",  # bounded index tables
-    "seal_blocks",  # the write path
+    "block_ids", "seal_blocks",  # the write path
 ]
 
 ENV_VAR = "PGVAULT_IMPL"
@@ -82,7 +82,7 @@ if TYPE_CHECKING:
     from pgvault._pure import index_locate, open_blocks, refs_runs, refs_sort, writeback  # the read path
     from pgvault._pure import entries_refs  # verify
     from pgvault._pure import index_find_any  # bounded index tables
-    from pgvault._pure import seal_blocks  # the write path
+    from pgvault._pure import block_ids, seal_blocks  # the write path
 else:
     _impl = _select()
     IMPL: str = _impl.IMPL
@@ -102,5 +102,6 @@ else:
     entries_refs = _impl.entries_refs  # verify
     index_find_any = _impl.index_find_any  # bounded index tables
     # the write path
+    block_ids = _impl.block_ids
     seal_blocks = _impl.seal_blocks
     del _impl

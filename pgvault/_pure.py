@@ -754,3 +754,16 @@ def seal_blocks(
         ends.append(total)
         classes.append(cls)
     return b"".join(parts), ends.tobytes(), bytes(classes)
+
+
+def block_ids(data: Buffer, block_size: int, key: bytes) -> bytes:
+    """Content ids (keyed BLAKE3, as crypto.Keys.block_id) of each block_size piece of data,
+    the last may be short: 32 bytes each, concatenated."""
+    from blake3 import blake3
+
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    if len(key) != 32:
+        raise ValueError("the id key is 32 bytes")
+    view = _byte_view(data)
+    return b"".join(blake3(view[pos : pos + block_size], key=key).digest() for pos in range(0, len(view), block_size))

@@ -45,11 +45,12 @@ install_apt_packages() {
     # postgresql-15 brings amcheck & co.; the lib* packages are what the PyPI builds
     # of the other majors link against (listed in case postgresql-15 is swapped out);
     # python3-venv/-dev and gcc build the venv and any C extension of the project;
-    # the native read path (open_blocks) links libzstd, liblz4, libsodium and inlines xxhash.h.
+    # the native read path (open_blocks) links libzstd, liblz4, libsodium and inlines xxhash.h;
+    # the native write path compiles BLAKE3's C sources, which librust-blake3-dev ships.
     local pkgs=(postgresql-15 python3-venv python3-dev gcc util-linux passwd
                 libicu72 libxml2 libssl3 liblz4-1 libzstd1 libgssapi-krb5-2
                 libreadline8 zlib1g
-                libzstd-dev liblz4-dev libsodium-dev libxxhash-dev)
+                libzstd-dev liblz4-dev libsodium-dev libxxhash-dev librust-blake3-dev)
     local missing=() p
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \

@@ -198,33 +198,44 @@ class BlockStore:
 
     def _seal_chunk(self, chunk: memoryview, check: PageCheck | None) -> ChunkResult:
         """Worker: consecutive blocks of one file as one task. Page checksums, content ids,
-        and the sealed blocks the repository lacks, all in one native call each: every call
-        that releases the GIL costs a worker a wait for the producing thread (see
-        codecs.compress_many), and the sealing call (_accel.seal_blocks: page class,
-        compression with the class's dictionary, envelope) does per chunk what Python did
-        per block."""
+        and the sealed blocks the repository lacks, each one native call for the chunk
+        (without the GIL): every call that releases the GIL costs a worker a wait for the
+        producing thread (see codecs.compress_many), and Python per block holds the GIL the
+        stream reader needs. _accel.seal_blocks (page class, compression with the class's
+        dictionary, envelope) does per chunk what Python did per block."""
         view = memoryview(chunk)
         size = self.block_size
         failures = self._page_failures(view, check)
-        block_id, has = self.keys.block_id, self.packs.has
-        ids = [block_id(view[pos : pos + size]) for pos in range(0, len(chunk), size)]
-        new = [i for i, known in enumerate(ids) if not has(known)]
-        joined = b"".join(ids)
+        joined = _accel.block_ids(view, size, self.keys.id_key)
+        has = self.packs.has
+        new = [i for i, pos in enumerate(range(0, len(joined), 32)) if not has(joined[pos : pos + 32])]
+        count = len(joined) // 32
         if not new:
-            return ChunkResult(joined, len(ids), new, b"", b"", failures)
+            return ChunkResult(joined, count, new, b"", b"", failures)
         zdicts = (self.zdicts[""], self.zdicts[SPECIAL_CLASS])
         out, ends, classes = _accel.seal_blocks(
             view, size, joined, new, envelope.Kind.BLOCK, self.codec, self._level, zdicts, self.keys.data_key
         )
         if self._sampling:
             self._sample_chunk(view, new, classes)
-        return ChunkResult(joined, len(ids), new, out, ends, failures)
+        return ChunkResult(joined, count, new, out, ends, failures)
 
     def _sample_chunk(self, view: memoryview, new: list[int], classes: bytes) -> None:
-        """Worker: offer a chunk's new blocks to their classes' samplers."""
+        """Worker: offer a chunk's new blocks to their classes' samplers, under one lock
+        acquisition for the chunk; train a class's first dictionary when its early sample is
+        full (as _sample)."""
         size = self.block_size
-        for i, cls in zip(new, classes):
-            self._sample(view[i * size : (i + 1) * size], SPECIAL_CLASS if cls else "")
+        full = []
+        with self._sample_lock:
+            for i, cls in zip(new, classes):
+                name = SPECIAL_CLASS if cls else ""
+                sampler = self._samplers.get(name)
+                if sampler is not None:
+                    samples = sampler.offer(view[i * size : (i + 1) * size], early=self.zdicts[name] is None)
+                    if samples is not None:
+                        full.append((samples, name))
+        for samples, name in full:
+            self._train(samples, name)  # outside the lock: the other workers go on without it
 
     def submit_chunk(
         self, chunk: memoryview, check: PageCheck | None, on_done: Callable[[ChunkResult], None]
@@ -234,12 +245,10 @@ class BlockStore:
         def done(result: ChunkResult) -> None:
             self.blocks_total += result.count
             if result.new:
-                ids, out, has, add = result.ids, memoryview(result.out), self.packs.has, self.packs.add
+                ids, out, add = result.ids, memoryview(result.out), self.packs.add
                 start = 0
                 for i, end in zip(result.new, memoryview(result.ends).cast("Q")):
-                    block_id = ids[i * 32 : i * 32 + 32]
-                    if not has(block_id):
-                        add(block_id, out[start:end])
+                    if add(ids[i * 32 : i * 32 + 32], out[start:end]):  # False: a copy just added
                         self.blocks_new += 1
                     start = end
             on_done(result)

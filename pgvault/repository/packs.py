@@ -74,9 +74,10 @@ class PackWriter:
     def has(self, block_id: bytes) -> bool:
         return block_id in self._pending or block_id in self._flushing or block_id in self._index
 
-    def add(self, block_id: bytes, sealed: bytes) -> None:
+    def add(self, block_id: bytes, sealed: bytes | memoryview) -> bool:
+        """Append a sealed block unless this writer or the index has it; True if appended."""
         if self.has(block_id):
-            return
+            return False
         if self._upload is None:
             self._name = new_pack_name()
             self._upload = open_upload(self._backend, layout.pack_key(self._name))
@@ -90,6 +91,7 @@ class PackWriter:
             self._buffer = bytearray()
         if self._size >= self._target or time.monotonic() - self._opened >= self._max_age:
             self.flush()
+        return True
 
     def flush(self) -> None:
         """Finish the open pack (in the background with background=True)."""

@@ -133,3 +133,29 @@ def test_seal_blocks_rejects_bad_arguments(impl: ModuleType) -> None:
     with pytest.raises(ValueError):
         impl.seal_blocks(data, BLOCK, ids, [0], Kind.BLOCK, 1, 1, (None, None), b"short key")
     assert impl.seal_blocks(data, BLOCK, ids, [], Kind.BLOCK, 1, 1, (None, None), None) == (b"", b"", b"")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("length", [0, 1, BLOCK - 1, BLOCK, 3 * BLOCK + 17, 32 * BLOCK])
+def test_block_ids_are_keyed_blake3(impl: ModuleType, length: int) -> None:
+    """The ids Keys.block_id gives (the repository format), for whole and short blocks."""
+    keys = crypto.new_keys(None)[0]
+    rnd = random.Random(length)
+    data = rnd.randbytes(length)
+    expect = b"".join(keys.block_id(data[pos : pos + BLOCK]) for pos in range(0, length, BLOCK))
+    assert impl.block_ids(memoryview(data), BLOCK, keys.id_key) == expect
+    assert impl.block_ids(data, 1000, keys.id_key) == b"".join(keys.block_id(data[p : p + 1000]) for p in range(0, length, 1000))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_ids_rejects_bad_arguments(impl: ModuleType) -> None:
+    with pytest.raises(ValueError):
+        impl.block_ids(bytes(10), 0, bytes(32))
+    with pytest.raises(ValueError):
+        impl.block_ids(bytes(10), BLOCK, bytes(31))
+
+
+@requires_native
+def test_block_ids_native_without_the_gil() -> None:
+    """This build computes ids with BLAKE3's C code (setup.py finds librust-blake3-dev)."""
+    assert native is not None and native.BLAKE3_NATIVE
