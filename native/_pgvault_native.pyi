@@ -49,3 +49,13 @@ def open_blocks(data: Buffer, data_offset: int, refs: Buffer, first: int, count:
 
 def writeback(fd: int, offset: int, nbytes: int) -> None:
     """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk, without waiting."""
+
+# the write path
+BLAKE3_NATIVE: bool
+
+def block_ids(data: Buffer, block_size: int, key: Buffer) -> bytes:
+    """Keyed BLAKE3 content ids of each block_size piece, 32 bytes each (without the GIL)."""
+
+def seal_blocks(data: Buffer, block_size: int, ids: Buffer, members: list[int], kind: int, codec: int, level: int,
+                zdicts: tuple[object, object], key: bytes | None) -> tuple[bytes, bytes, bytes]:
+    """Seal the member blocks of a chunk: (sealed objects, u64 ends, page classes)."""

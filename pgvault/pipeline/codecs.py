@@ -112,31 +112,6 @@ def compress(
     return codec, out
 
 
-def compress_many(
-    codec: Codec,
-    blocks: list[bytes] | list[memoryview],
-    level: int | None = None,
-    zdict: zstandard.ZstdCompressionDict | None = None,
-) -> list[tuple[Codec, bytes]]:
-    """compress() of each block, with the same results, in one call where the codec allows.
-
-    zstd compresses the whole list in one call that releases the GIL once. Per-block calls
-    release and retake it for every 8 KiB block, and a worker retaking it waits for the
-    producing thread's switch interval: with one busy producer thread, 16k blocks took 22.7 s
-    per block against 0.4 s as one call per 32 blocks (the GIL convoy).
-    """
-    if codec not in (Codec.ZSTD, Codec.ZSTD_DICT) or len(blocks) < 2:
-        return [compress(codec, block, level, zdict) for block in blocks]
-    used = Codec.ZSTD if zdict is None else Codec.ZSTD_DICT
-    comp = _zstd_compressor(DEFAULT_LEVELS[used] if level is None else level, zdict)
-    frames = comp.multi_compress_to_buffer(blocks, threads=0)
-    out: list[tuple[Codec, bytes]] = []
-    for i, block in enumerate(blocks):
-        frame = frames[i].tobytes()
-        out.append((Codec.NONE, bytes(block)) if len(frame) >= len(block) else (used, frame))
-    return out
-
-
 def decompress(codec: int, data: bytes | memoryview, raw_length: int, dicts: Dictionaries | None = None) -> bytes:
     """Inverse of compress; raw_length comes from the object header. dicts: looks up the
     dictionary a ZSTD_DICT frame names (objects of other codecs never need it)."""

@@ -58,30 +58,6 @@ def seal(
     return header + payload + digest
 
 
-def seal_many(
-    keys: Keys,
-    kind: Kind,
-    plaintexts: list[bytes] | list[memoryview],
-    contexts: list[bytes],
-    codec: codecs.Codec,
-    level: int | None = None,
-    zdict: zstandard.ZstdCompressionDict | None = None,
-) -> list[bytes]:
-    """seal() of each plaintext with its context, compressing them in one call (the same
-    bytes as one seal() each, but the GIL is released once per list, not once per block)."""
-    key_id = 1 if keys.encrypted else 0
-    out = []
-    for plaintext, context, (used, payload) in zip(
-        plaintexts, contexts, codecs.compress_many(codec, plaintexts, level, zdict)
-    ):
-        header = HEADER.pack(MAGIC, VERSION, kind, used, key_id, len(plaintext))
-        if keys.data_key is not None:
-            out.append(header + crypto.seal(keys.data_key, payload, header + context))
-        else:
-            out.append(header + payload + xxhash.xxh3_128_digest(header + context + payload))
-    return out
-
-
 def open_(
     keys: Keys,
     sealed: bytes | memoryview,
