@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import platform
 import sys
+from typing import Any
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -21,13 +22,24 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # no compiler, no headers: fall back, do not fail the install
             print(f"pgvault: native module not built ({exc}); using the pure-Python fallback", file=sys.stderr)
 
-    def build_extension(self, ext: object) -> None:
+    def build_extension(self, ext: Any) -> None:
         if ".S" not in self.compiler.src_extensions:  # BLAKE3's assembly (blake3_sources)
             self.compiler.src_extensions.append(".S")
+        # BLAKE3's C sources join the native module only while it is compiled: egg_info lists
+        # an Extension's sources (also after build_ext, for an editable install) and refuses
+        # absolute paths, which would fail `pip install` and every wheel build.
+        saved = ext.sources, ext.define_macros, ext.include_dirs
+        if ext.name == "pgvault._native":
+            b3_sources, b3_macros, b3_include = blake3_sources()
+            ext.sources = [*ext.sources, *b3_sources]
+            ext.define_macros = [*ext.define_macros, *b3_macros]
+            ext.include_dirs = [*ext.include_dirs, *b3_include]
         try:
             super().build_extension(ext)
         except Exception as exc:
             print(f"pgvault: native module not built ({exc}); using the pure-Python fallback", file=sys.stderr)
+        finally:
+            ext.sources, ext.define_macros, ext.include_dirs = saved
 
 
 def blake3_sources() -> tuple[list[str], list[tuple[str, str | None]], list[str]]:
@@ -58,12 +70,9 @@ def extensions() -> list[object]:
         return []
     from setuptools import Extension
 
-    b3_sources, b3_macros, b3_include = blake3_sources()
     native = Extension(
         "pgvault._native",
-        ["native/_pgvault_native.pyx", *b3_sources],
-        define_macros=b3_macros,
-        include_dirs=b3_include,
+        ["native/_pgvault_native.pyx"],  # BLAKE3's C sources join at build time (OptionalBuildExt)
         # The read path (open_blocks) decompresses and authenticates whole ranged reads of a pack
         # without the GIL: libzstd, liblz4, libsodium (xxhash.h is used inline). Debian:
         # libzstd-dev liblz4-dev libsodium-dev libxxhash-dev (scripts/setup.sh installs them).
