@@ -12,6 +12,12 @@ records too, 92 MB at scale 100 and 108 MB at 300, for about the same CPU time (
 slower. Restores do not use this: their 8 MiB ranged reads, mmapped afresh each time, cost
 ~1 s more CPU in page faults (scale 100).
 
+The threshold is 4 MiB, not 1 MiB: once the native write path had cut the first full's CPU,
+1 MiB cost 0.25-0.3 s of it (the pack writer's 1 MiB buffer and other buffers just over 1 MiB
+mmapped and unmapped again and again). First fulls at scale 100, alternating, two each: no
+setting 3.95-4.03 s wall / 4.81 s CPU / 100-101 MB; 1 MiB 4.26-4.32 s / 5.05-5.12 s / 92 MB;
+4 MiB 4.05-4.08 s / 4.89-4.92 s / 92-93 MB (block lists and index tables, 4 MiB, still go).
+
 Only glibc has mallopt; elsewhere this does nothing. ctypes is imported here, never on the
 wal-push path.
 """
@@ -23,7 +29,7 @@ import logging
 log = logging.getLogger("pgvault.malloc")
 
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 4 << 20
 
 
 def bound_heap() -> None:
