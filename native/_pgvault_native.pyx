@@ -880,6 +880,15 @@ def entries_refs(body, uint32_t pack_number) -> bytes:
     return out
 
 
+cdef const unsigned char *_data_key(object key, Py_buffer *kv) except NULL:
+    """The 32-byte data key's bytes, its buffer held in kv (the caller releases it)."""
+    PyObject_GetBuffer(key, kv, PyBUF_SIMPLE)
+    if kv.len != 32:
+        PyBuffer_Release(kv)
+        raise ValueError("the data key is 32 bytes")
+    return <const unsigned char *> kv.buf
+
+
 def open_blocks(data, uint64_t data_offset, refs, Py_ssize_t first, Py_ssize_t count, key,
                 int kind, dicts, bint decompress) -> tuple:
     """Authenticate (and with decompress, open) the sealed objects REF records first..first+count-1
@@ -911,11 +920,7 @@ def open_blocks(data, uint64_t data_offset, refs, Py_ssize_t first, Py_ssize_t c
     cdef int have_key = key is not None
     cdef dict dict_errors = {}
     if have_key:
-        PyObject_GetBuffer(key, &kv, PyBUF_SIMPLE)
-        if kv.len != 32:
-            PyBuffer_Release(&kv)
-            raise ValueError("the data key is 32 bytes")
-        keyp = <const unsigned char *> kv.buf
+        keyp = _data_key(key, &kv)
     PyObject_GetBuffer(data, &dv, PyBUF_SIMPLE)
     PyObject_GetBuffer(refs, &rv, PyBUF_SIMPLE)
     try:
@@ -1241,11 +1246,7 @@ def seal_blocks(data, Py_ssize_t block_size, ids, members, int kind, int codec, 
             d1 = _cdict_for(zdicts[1], level)
             cd[1] = d1.cdict
     if have_key:
-        PyObject_GetBuffer(key, &kv, PyBUF_SIMPLE)
-        if kv.len != 32:
-            PyBuffer_Release(&kv)
-            raise ValueError("the data key is 32 bytes")
-        keyp = <const unsigned char *> kv.buf
+        keyp = _data_key(key, &kv)
     PyObject_GetBuffer(data, &dv, PyBUF_SIMPLE)
     PyObject_GetBuffer(ids, &iv, PyBUF_SIMPLE)
     try:

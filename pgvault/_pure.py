@@ -663,7 +663,6 @@ def index_find_any(tables: Sequence[tuple[bytes, bytes, int]], block_id: bytes) 
 # The write path (backup): sealing a chunk's new blocks (repository/blockstore.py).
 # ==========================================================================================
 
-_SEAL_HEADER = struct.Struct("<4sBBBBQ")
 _PAGE_BOUNDS = struct.Struct("<HHH")  # pd_lower, pd_upper, pd_special at offset 12
 
 
@@ -695,11 +694,9 @@ def seal_blocks(
 
     Returns (out, ends, classes): out, the sealed objects one after another; ends, one u64
     per member, the end of its object in out; classes, one byte per member, 1 for a page
-    with special space (blockstore.page_class "s"), else 0."""
-    import os
-
-    import xxhash
-    import zstandard
+    with special space (blockstore.page_class "s"), else 0. Each object is envelope.seal's."""
+    from pgvault.pipeline import codecs, envelope
+    from pgvault.pipeline.crypto import Keys
 
     codec = 1 if codec == 3 else codec
     if codec not in (0, 1, 2):
@@ -713,7 +710,7 @@ def seal_blocks(
         raise ValueError("ids must hold 32 bytes for each block of data")
     if key is not None and len(key) != 32:
         raise ValueError("the data key is 32 bytes")
-    compressors: dict[int, object] = {}
+    keys = Keys(key, bytes(32))  # the id key is not used: the contexts are given
     parts: list[bytes] = []
     ends = array("Q")
     classes = bytearray()
@@ -723,32 +720,8 @@ def seal_blocks(
             raise ValueError(f"block {i} is beyond the data")
         block = view[i * block_size : (i + 1) * block_size]
         cls = _page_class(block)
-        used, payload = 0, bytes(block)
-        if codec == 1:
-            zdict = zdicts[cls]
-            comp = compressors.get(cls)
-            if comp is None:
-                if zdict is None:
-                    comp = zstandard.ZstdCompressor(level=level, write_content_size=True)
-                else:
-                    comp = zstandard.ZstdCompressor(level=level, write_content_size=True, dict_data=zdict)
-                compressors[cls] = comp
-            used, payload = (1 if zdict is None else 3), comp.compress(block)  # type: ignore[attr-defined]
-        elif codec == 2:
-            import lz4.block
-
-            used, payload = 2, lz4.block.compress(block, store_size=False, mode="default")
-        if used and len(payload) >= len(block):
-            used, payload = 0, bytes(block)
-        header = _SEAL_HEADER.pack(b"PGVO", 1, kind, used, 0 if key is None else 1, len(block))
         context = bytes(contexts[i * 32 : (i + 1) * 32])
-        if key is None:
-            sealed = header + payload + xxhash.xxh3_128_digest(header + context + payload)
-        else:
-            from nacl import bindings
-
-            nonce = os.urandom(24)
-            sealed = header + nonce + bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(payload, header + context, nonce, key)
+        sealed = envelope.seal(keys, envelope.Kind(kind), block, context, codecs.Codec(codec), level, zdicts[cls])  # type: ignore[arg-type]
         parts.append(sealed)
         total += len(sealed)
         ends.append(total)
