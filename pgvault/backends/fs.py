@@ -41,34 +41,18 @@ class FsBackend:
         except OSError as exc:
             raise BackendError(f"cannot write {path.relative_to(self.root)} in {self.root}: {exc.strerror}") from None
 
-    def _write_temp(self, path: Path, data: bytes | bytearray) -> Path:
-        tmp, fd = self._open_temp(path)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise BackendError(f"cannot write {path.relative_to(self.root)} in {self.root}: {exc.strerror}") from None
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        return tmp
-
     def open_upload(self, key: str) -> FsUpload:
         """A pack written to its temp file as it fills, so no pack is held in memory."""
         return FsUpload(self, key)
 
     def put(self, key: str, data: bytes | bytearray) -> None:
-        path = self._path(key)
-        tmp = self._write_temp(path, data)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        upload = FsUpload(self, key)
+        try:
+            upload.write(data)
+            upload.commit()
+        except BaseException:
+            upload.abort()  # interrupted between the two (an OSError has aborted it already)
+            raise
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
