@@ -59,3 +59,12 @@ def block_ids(data: Buffer, block_size: int, key: Buffer) -> bytes:
 def seal_blocks(data: Buffer, block_size: int, ids: Buffer, members: list[int], kind: int, codec: int, level: int,
                 zdicts: tuple[object, object], key: bytes | None) -> tuple[bytes, bytes, bytes]:
     """Seal the member blocks of a chunk: (sealed objects, u64 ends, page classes)."""
+
+def bucket_fill(region: bytearray, first: int, bits: int, records: Buffer, carry: bool) -> bytes:
+    """Place table records into whole index-file buckets; returns those that ran past the end."""
+
+def bucket_records(region: Buffer) -> bytes:
+    """The records of whole index-file buckets, bucket by bucket."""
+
+def disk_locate(fd: int, bits: int, ids: Buffer, out: bytearray) -> int:
+    """index_locate against an index file (one pread a lookup, without the GIL)."""

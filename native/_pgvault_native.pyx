@@ -1367,3 +1367,199 @@ def block_ids(data, Py_ssize_t block_size, key) -> bytes:
         PyBuffer_Release(&dv)
         PyBuffer_Release(&kv)
     return out
+
+
+# ==========================================================================================
+# -- the index on disk (pgvault/repository/diskindex.py) ------------------------------------
+# A file of 2**bits buckets of DISK_BUCKET bytes: a header (u32 record count, u32 flags, 24
+# zero bytes), then up to DISK_SLOTS table records; a record's home bucket is the top bits of
+# its id's first 4 bytes; linear probing, every full bucket passed flagged DISK_OVERFLOW.
+# Layout and semantics: pgvault._pure (bucket_fill, bucket_records, disk_locate), the twin.
+# ==========================================================================================
+
+from libc.errno cimport EINTR, errno
+from posix.unistd cimport pread
+
+cdef enum:
+    DISK_BUCKET = 4096
+    DISK_SLOTS = 127
+    DISK_OVERFLOW = 1
+
+
+cdef inline void _store_le32(unsigned char *p, uint32_t v) noexcept nogil:
+    memcpy(p, &v, 4)
+
+
+cdef int _check_disk_bits(int bits) except -1:
+    if not 1 <= bits <= 24:
+        raise ValueError(f"bits must be in 1..24, got {bits}")
+    return 0
+
+
+def bucket_fill(region, Py_ssize_t first, int bits, records, bint carry) -> bytes:
+    """Place 32-byte table records into region, whole buckets first.. of a file of 2**bits
+    buckets (see pgvault._pure.bucket_fill); returns the records that ran past its end."""
+    cdef Py_buffer rv, dv
+    cdef Py_ssize_t count, n, k, b = 0, m = 0
+    cdef unsigned char *head
+    cdef const unsigned char *src
+    cdef unsigned char *rest = NULL
+    cdef uint32_t used = 0, flags
+    cdef int status = 0
+    _check_disk_bits(bits)
+    PyObject_GetBuffer(region, &rv, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    try:
+        if rv.len % DISK_BUCKET:
+            raise ValueError(f"a region is whole {DISK_BUCKET}-byte buckets")
+        count = rv.len // DISK_BUCKET
+        if first < 0 or first + count > ((<Py_ssize_t> 1) << bits):
+            raise ValueError("the region is outside the file")
+        PyObject_GetBuffer(records, &dv, PyBUF_SIMPLE)
+        try:
+            if dv.len % TABLE_RECORD:
+                raise ValueError("table records are 32 bytes")
+            n = dv.len // TABLE_RECORD
+            rest = <unsigned char *> malloc(dv.len if dv.len else 1)
+            if rest == NULL:
+                raise MemoryError()
+            with nogil:
+                for k in range(n):
+                    src = <const unsigned char *> dv.buf + k * TABLE_RECORD
+                    if carry:
+                        b = 0
+                    else:
+                        b = <Py_ssize_t> (_prefix(src) >> (32 - bits)) - first
+                        if b < 0 or b >= count:
+                            status = 1
+                            break
+                    while b < count:
+                        head = <unsigned char *> rv.buf + b * DISK_BUCKET
+                        used = pgv_le32(head)
+                        flags = pgv_le32(head + 4)
+                        if used > DISK_SLOTS:
+                            status = 2
+                            break
+                        if used < DISK_SLOTS:
+                            memcpy(head + TABLE_RECORD + used * TABLE_RECORD, src, TABLE_RECORD)
+                            _store_le32(head, used + 1)
+                            break
+                        _store_le32(head + 4, flags | DISK_OVERFLOW)
+                        b += 1
+                    if status:
+                        break
+                    if b >= count:
+                        memcpy(rest + m * TABLE_RECORD, src, TABLE_RECORD)
+                        m += 1
+            if status == 1:
+                raise ValueError("a record's home bucket is outside the region")
+            if status == 2:
+                raise ValueError(f"bucket {first + b} claims {used} records")
+            return PyBytes_FromStringAndSize(<char *> rest, m * TABLE_RECORD)
+        finally:
+            free(rest)
+            PyBuffer_Release(&dv)
+    finally:
+        PyBuffer_Release(&rv)
+
+
+def bucket_records(region) -> bytes:
+    """The records of whole buckets, bucket by bucket."""
+    cdef Py_buffer rv
+    cdef Py_ssize_t b, count, total = 0, pos = 0
+    cdef const unsigned char *head
+    cdef uint32_t used
+    cdef bytes out
+    cdef char *o
+    PyObject_GetBuffer(region, &rv, PyBUF_SIMPLE)
+    try:
+        if rv.len % DISK_BUCKET:
+            raise ValueError(f"a region is whole {DISK_BUCKET}-byte buckets")
+        count = rv.len // DISK_BUCKET
+        for b in range(count):
+            used = pgv_le32(<const unsigned char *> rv.buf + b * DISK_BUCKET)
+            if used > DISK_SLOTS:
+                raise ValueError(f"bucket {b} claims {used} records")
+            total += used
+        out = PyBytes_FromStringAndSize(NULL, total * TABLE_RECORD)
+        o = PyBytes_AS_STRING(out)
+        for b in range(count):
+            head = <const unsigned char *> rv.buf + b * DISK_BUCKET
+            used = pgv_le32(head)
+            memcpy(o + pos, head + TABLE_RECORD, used * TABLE_RECORD)
+            pos += used * TABLE_RECORD
+        return out
+    finally:
+        PyBuffer_Release(&rv)
+
+
+def disk_locate(int fd, int bits, ids, out) -> int:
+    """index_locate against the index file open at fd (2**bits buckets), one pread of a
+    bucket per lookup, without the GIL (see pgvault._pure.disk_locate)."""
+    cdef Py_buffer iv, ov
+    cdef Py_ssize_t n, k, r, step, got = 0, found = 0
+    cdef Py_ssize_t nb = (<Py_ssize_t> 1) << bits
+    cdef const unsigned char *idp
+    cdef unsigned char *rec
+    cdef unsigned char bucket[DISK_BUCKET]
+    cdef uint32_t used = 0, flags
+    cdef Py_ssize_t b = 0
+    cdef int status = 0, err = 0, hit
+    _check_disk_bits(bits)
+    PyObject_GetBuffer(ids, &iv, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(out, &ov, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if iv.len % ID_SIZE or ov.len != iv.len // ID_SIZE * RECORD_SIZE:
+                raise ValueError("out must hold one 48-byte record per 32-byte id")
+            n = iv.len // ID_SIZE
+            with nogil:
+                for k in range(n):
+                    idp = <const unsigned char *> iv.buf + k * ID_SIZE
+                    rec = <unsigned char *> ov.buf + k * RECORD_SIZE
+                    if pgv_le32(rec + 40) != 0:
+                        continue
+                    memcpy(rec, idp, ID_SIZE)
+                    memset(rec + ID_SIZE, 0, RECORD_SIZE - ID_SIZE)
+                    b = _prefix(idp) >> (32 - bits)
+                    for step in range(nb):
+                        while True:
+                            got = pread(fd, bucket, DISK_BUCKET, b * DISK_BUCKET)
+                            if got >= 0 or errno != EINTR:
+                                break
+                        if got < 0:
+                            err = errno
+                            status = 1
+                            break
+                        if got != DISK_BUCKET:
+                            status = 2
+                            break
+                        used = pgv_le32(bucket)
+                        flags = pgv_le32(bucket + 4)
+                        if used > DISK_SLOTS:
+                            status = 3
+                            break
+                        hit = 0
+                        for r in range(used):
+                            if memcmp(bucket + TABLE_RECORD + r * TABLE_RECORD, idp, KEY_SIZE) == 0:
+                                memcpy(rec + ID_SIZE, bucket + TABLE_RECORD + r * TABLE_RECORD + KEY_SIZE,
+                                       TABLE_RECORD - KEY_SIZE)
+                                found += 1
+                                hit = 1
+                                break
+                        if hit or not (flags & DISK_OVERFLOW):
+                            break
+                        b = (b + 1) & (nb - 1)
+                    if status:
+                        break
+        finally:
+            PyBuffer_Release(&ov)
+    finally:
+        PyBuffer_Release(&iv)
+    if status == 1:
+        import os
+        raise OSError(err, os.strerror(err))
+    if status == 2:
+        raise OSError(f"index file: short read of bucket {b}")
+    if status == 3:
+        raise ValueError(f"bucket {b} claims {used} records")
+    return found

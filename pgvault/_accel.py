@@ -5,6 +5,7 @@
     from pgvault._accel import index_locate, refs_sort, refs_runs, open_blocks, writeback  # the read path
     from pgvault._accel import entries_refs  # verify
     from pgvault._accel import block_ids, seal_blocks  # the write path
+    from pgvault._accel import bucket_fill, bucket_records, disk_locate  # the index on disk
 
 ``PGVAULT_IMPL`` selects the implementation, read once at first import:
 
@@ -35,6 +36,7 @@ __all__ = [
     "entries_refs",  # verify
     "index_find_any",  # bounded index tables
     "block_ids", "seal_blocks",  # the write path
+    "bucket_fill", "bucket_records", "disk_locate",  # the index on disk
 ]
 
 ENV_VAR = "PGVAULT_IMPL"
@@ -83,6 +85,7 @@ if TYPE_CHECKING:
     from pgvault._pure import entries_refs  # verify
     from pgvault._pure import index_find_any  # bounded index tables
     from pgvault._pure import block_ids, seal_blocks  # the write path
+    from pgvault._pure import bucket_fill, bucket_records, disk_locate  # the index on disk
 else:
     _impl = _select()
     IMPL: str = _impl.IMPL
@@ -104,4 +107,8 @@ else:
     # the write path
     block_ids = _impl.block_ids
     seal_blocks = _impl.seal_blocks
+    # the index on disk
+    bucket_fill = _impl.bucket_fill
+    bucket_records = _impl.bucket_records
+    disk_locate = _impl.disk_locate
     del _impl

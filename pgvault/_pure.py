@@ -740,3 +740,118 @@ def block_ids(data: Buffer, block_size: int, key: bytes) -> bytes:
         raise ValueError("the id key is 32 bytes")
     view = _byte_view(data)
     return b"".join(blake3(view[pos : pos + block_size], key=key).digest() for pos in range(0, len(view), block_size))
+
+
+# ==========================================================================================
+# The index on disk (repository/diskindex.py): a file of 2**bits buckets of BUCKET bytes, each
+# a header (u32 record count, u32 flags, 24 zero bytes) and up to SLOTS 32-byte table records.
+# A record's home bucket is the top `bits` bits of its id's first 4 bytes (big-endian), as for
+# the in-memory tables. A record whose home is full goes to the next bucket with room (linear
+# probing, wrapping at the end), and every full bucket it passes is flagged OVERFLOW, so a
+# lookup goes on past a bucket only while that bucket is flagged.
+# ==========================================================================================
+
+_BUCKET = 4096
+_SLOTS = (_BUCKET - _TREC) // _TREC  # 127
+_OVERFLOW = 1
+_BUCKET_HEAD = struct.Struct("<II")
+_HOME = struct.Struct(">I")
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 24:
+        raise ValueError(f"bits must be in 1..24, got {bits}")
+
+
+def bucket_fill(region: bytearray, first: int, bits: int, records: Buffer, carry: bool) -> bytes:
+    """Place 32-byte table records into region, whole buckets first.. of a file of 2**bits
+    buckets. Each record goes to the first bucket from its home on with room (with carry: from
+    the region's first bucket on, for records that ran past the end of the region before),
+    flagging every full bucket it passes. Returns the records that ran past the region's end,
+    in order (the caller places them from the next bucket on). Without carry, every record's
+    home must be in the region."""
+    _check_bits(bits)
+    if len(region) % _BUCKET:
+        raise ValueError(f"a region is whole {_BUCKET}-byte buckets")
+    count = len(region) // _BUCKET
+    if first < 0 or first + count > 1 << bits:
+        raise ValueError("the region is outside the file")
+    view = _byte_view(records)
+    if len(view) % _TREC:
+        raise ValueError("table records are 32 bytes")
+    shift = 32 - bits
+    rest = []
+    for pos in range(0, len(view), _TREC):
+        b = 0 if carry else (_HOME.unpack_from(view, pos)[0] >> shift) - first
+        if not 0 <= b < count:
+            raise ValueError("a record's home bucket is outside the region")
+        while b < count:
+            head = b * _BUCKET
+            used, flags = _BUCKET_HEAD.unpack_from(region, head)
+            if used > _SLOTS:
+                raise ValueError(f"bucket {first + b} claims {used} records")
+            if used < _SLOTS:
+                dst = head + _TREC + used * _TREC
+                region[dst : dst + _TREC] = view[pos : pos + _TREC]
+                _BUCKET_HEAD.pack_into(region, head, used + 1, flags)
+                break
+            _BUCKET_HEAD.pack_into(region, head, used, flags | _OVERFLOW)
+            b += 1
+        else:
+            rest.append(bytes(view[pos : pos + _TREC]))
+    return b"".join(rest)
+
+
+def bucket_records(region: Buffer) -> bytes:
+    """The records of whole buckets, bucket by bucket."""
+    view = _byte_view(region)
+    if len(view) % _BUCKET:
+        raise ValueError(f"a region is whole {_BUCKET}-byte buckets")
+    parts = []
+    for head in range(0, len(view), _BUCKET):
+        (used,) = struct.unpack_from("<I", view, head)
+        if used > _SLOTS:
+            raise ValueError(f"bucket {head // _BUCKET} claims {used} records")
+        parts.append(view[head + _TREC : head + _TREC + used * _TREC])
+    return b"".join(parts)
+
+
+def disk_locate(fd: int, bits: int, ids: Buffer, out: bytearray) -> int:
+    """index_locate against the index file open at fd (2**bits buckets): records of out whose
+    stored length is still 0 are looked up and set to the file's record when found, else to
+    the id with offset, length and pack number 0. One pread of a bucket per lookup (more only
+    past flagged buckets). Returns how many were found; OSError when the file cannot be read."""
+    import os
+
+    _check_bits(bits)
+    ids = _byte_view(ids)
+    if len(ids) % _ID or len(out) != len(ids) // _ID * _RECORD:
+        raise ValueError("out must hold one 48-byte record per 32-byte id")
+    count = 1 << bits
+    shift = 32 - bits
+    found = 0
+    for k in range(len(ids) // _ID):
+        rec = k * _RECORD
+        if out[rec + 40 : rec + 44] != b"\0\0\0\0":
+            continue
+        block_id = bytes(ids[k * _ID : k * _ID + _ID])
+        out[rec : rec + _RECORD] = block_id + bytes(_RECORD - _ID)
+        b = _HOME.unpack_from(block_id)[0] >> shift
+        for _ in range(count):
+            bucket = os.pread(fd, _BUCKET, b * _BUCKET)
+            if len(bucket) != _BUCKET:
+                raise OSError(f"index file: short read of bucket {b}")
+            used, flags = _BUCKET_HEAD.unpack_from(bucket)
+            if used > _SLOTS:
+                raise ValueError(f"bucket {b} claims {used} records")
+            pos = bucket.find(block_id[:_KEY], _TREC, _TREC + used * _TREC)
+            while pos >= 0 and pos % _TREC:  # a match across fields or records is not a key
+                pos = bucket.find(block_id[:_KEY], pos + 1, _TREC + used * _TREC)
+            if pos >= 0:
+                out[rec + _ID : rec + _RECORD] = bucket[pos + _KEY : pos + _TREC]
+                found += 1
+                break
+            if not flags & _OVERFLOW:
+                break
+            b = (b + 1) % count
+    return found

@@ -210,8 +210,7 @@ class BlockStore:
         size = self.block_size
         failures = self._page_failures(view, check)
         joined = _accel.block_ids(view, size, self.keys.id_key)
-        has = self.packs.has
-        new = [i for i, pos in enumerate(range(0, len(joined), 32)) if not has(joined[pos : pos + 32])]
+        new = self.packs.lacking(joined)
         count = len(joined) // 32
         if not new:
             return ChunkResult(joined, count, new, b"", b"", failures)
@@ -251,7 +250,7 @@ class BlockStore:
                 ids, out, add = result.ids, memoryview(result.out), self.packs.add
                 start = 0
                 for i, end in zip(result.new, memoryview(result.ends).cast("Q")):
-                    if add(ids[i * 32 : i * 32 + 32], out[start:end]):  # False: a copy just added
+                    if add(ids[i * 32 : i * 32 + 32], out[start:end], True):  # False: a copy just added
                         self.blocks_new += 1
                     start = end
             on_done(result)

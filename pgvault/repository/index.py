@@ -18,10 +18,15 @@ unbounded merge held the whole index twice at its peak (2 x 28 MB at pgbench sca
 loading held every index object's entries besides the table built from them. Loading builds a
 table per batch of index objects, and merges stop at the bound; a lookup asks all tables in one
 native call (index_find_any), so the extra tables cost ~0.05 us each.
+
+Past MEMORY_RECORDS records the tables move into a DiskTable (repository/diskindex.py: a local
+temporary file read with pread), so memory no longer grows with the repository: the tables hold
+only the records added since the last move. A lookup asks the tables first, then the file.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -29,6 +34,8 @@ from typing import Iterable, Sequence
 
 from pgvault import _accel
 from pgvault.errors import IntegrityError
+from pgvault.repository.diskindex import DiskTable
+from pgvault.repository.diskindex import bits_for as disk_bits_for
 
 ENTRY = struct.Struct("<32sQI")  # on disk: block id, offset in pack, stored length
 ID_SIZE = 32
@@ -43,6 +50,10 @@ KEY_SIZE = 16
 # Records of a table at most (4 MiB), so that building or merging one never holds more than
 # twice that besides the index; ~4.6 tables at pgbench scale 300 (595k blocks).
 MAX_TABLE_RECORDS = 1 << 17
+# Records in memory at most (4 MiB) before they move to the index file on disk: a repository of
+# up to ~1 GiB of unique 8 KiB blocks never uses the file. PGVAULT_INDEX_MEMORY_RECORDS sets
+# another bound (the tests use a small one, so that small repositories use the file too).
+MEMORY_RECORDS = int(os.environ.get("PGVAULT_INDEX_MEMORY_RECORDS") or MAX_TABLE_RECORDS)
 _PACK_NO = struct.Struct("<I")
 
 
@@ -119,14 +130,16 @@ class _Table:
 
 class Index:
     """Thread-safe map of block ids to locations. If a block is in several packs, any copy
-    may be returned (they are identical)."""
+    may be returned (they are identical). Call close() when done (the index file)."""
 
     def __init__(self) -> None:
         self._packs: list[str] = []
         self._pack_numbers: dict[str, int] = {}
-        # The tables, and each as index_find_any takes it: replaced together, never mutated,
-        # so readers use a consistent snapshot.
-        self._state: tuple[tuple[_Table, ...], tuple[tuple[bytes, bytes, int], ...]] = ((), ())
+        # The tables, each as index_find_any takes it, and the index file (None until records
+        # move there): replaced together, never mutated, so readers use a consistent snapshot.
+        # A record moving to the file stays in the snapshot's tables until the file has it.
+        self._state: tuple[tuple[_Table, ...], tuple[tuple[bytes, bytes, int], ...], DiskTable | None] = ((), (), None)
+        self._retired: list[DiskTable] = []  # files replaced by larger ones: closed by close()
         self._lock = threading.Lock()
 
     @property
@@ -134,38 +147,64 @@ class Index:
         return self._state[0]
 
     def __contains__(self, block_id: bytes) -> bool:
-        return _accel.index_find_any(self._state[1], block_id) >= 0
+        _, specs, disk = self._state
+        if _accel.index_find_any(specs, block_id) >= 0:
+            return True
+        return disk is not None and self._disk_locate(disk, block_id) is not None
 
     def __len__(self) -> int:
         """Records, so a block stored in two packs counts twice."""
-        return sum(t.count for t in self._tables)
+        tables, _, disk = self._state
+        return sum(t.count for t in tables) + (disk.count if disk is not None else 0)
 
     def get(self, block_id: bytes) -> Location | None:
-        tables, specs = self._state
+        tables, specs, disk = self._state
         k = _accel.index_find_any(specs, block_id)
-        if k < 0:
+        if k >= 0:
+            table = tables[k]
+            _, offset, length, pno = TABLE_RECORD.unpack_from(table.data, table.find(block_id))
+            return Location(self._packs[pno], offset, length)
+        if disk is None:
             return None
-        table = tables[k]
-        _, offset, length, pno = TABLE_RECORD.unpack_from(table.data, table.find(block_id))
+        ref = self._disk_locate(disk, block_id)
+        if ref is None:
+            return None
+        _, offset, length, pno = RECORD.unpack(ref)
         return Location(self._packs[pno], offset, length)
+
+    @staticmethod
+    def _disk_locate(disk: DiskTable, block_id: bytes) -> bytearray | None:
+        out = bytearray(RECORD.size)
+        return out if disk.locate(block_id, out) else None
 
     def locate_many(self, ids: bytes | bytearray | memoryview) -> tuple[bytearray, int]:
         """One 48-byte record (RECORD: id, offset, length, pack number) per 32-byte id of ids,
         with length 0 where the index lacks the id, and how many it lacks: many lookups in one
-        native call per table (the read path; see pack_name)."""
+        native call per table, then one for the index file (the read path; see pack_name)."""
         out = bytearray(len(ids) // ID_SIZE * RECORD.size)
         if len(ids) % ID_SIZE:
             raise IntegrityError("block list is truncated")
         remaining = len(ids) // ID_SIZE
-        tables = self._tables
+        tables, _, disk = self._state
         for table in tables:
             if not remaining:
                 break
             remaining -= _accel.index_locate(table.data, table.starts, table.bits, ids, out)
-        if not tables:  # an empty index: every record names its id, with length 0
+        if remaining and disk is not None:
+            remaining -= disk.locate(ids, out)
+        elif not tables:  # an empty index: every record names its id, with length 0
             for k in range(len(ids) // ID_SIZE):
                 out[k * RECORD.size : k * RECORD.size + ID_SIZE] = ids[k * ID_SIZE : (k + 1) * ID_SIZE]
         return out, remaining
+
+    def missing(self, ids: bytes | bytearray | memoryview) -> list[int]:
+        """Positions of the 32-byte ids of ids the index lacks (a backup's presence checks,
+        one call per chunk)."""
+        refs, remaining = self.locate_many(ids)
+        if not remaining:
+            return []
+        lengths = memoryview(refs).cast("I")[10 :: RECORD.size // 4]
+        return [k for k, length in enumerate(lengths) if not length]
 
     def pack_name(self, number: int) -> str:
         return self._packs[number]
@@ -199,9 +238,19 @@ class Index:
         with self._lock:
             self._add_table(_Table.build([(body, self._number(pack))]))
 
+    def close(self) -> None:
+        """Close the index files (the index is unusable afterwards)."""
+        with self._lock:
+            _, _, disk = self._state
+            self._state = ((), (), None)
+            for table in self._retired + ([disk] if disk is not None else []):
+                table.close()
+            self._retired = []
+
     def _add_table(self, table: _Table) -> None:
         """Publish a new table; merge while the one before is at most twice its size and the
-        merged table stays within MAX_TABLE_RECORDS."""
+        merged table stays within MAX_TABLE_RECORDS; past MEMORY_RECORDS, move them all to the
+        index file."""
         tables = [t for t in self._tables if t.count] + [table]
         while (
             len(tables) > 1
@@ -210,4 +259,38 @@ class Index:
         ):
             last = tables.pop()
             tables[-1] = _Table.merge(tables[-1], last)
-        self._state = (tuple(tables), tuple((t.data, t.starts, t.bits) for t in tables))
+        disk = self._state[2]
+        self._publish(tables, disk)
+        in_memory = sum(t.count for t in tables)
+        if in_memory > MEMORY_RECORDS:
+            disk = self._disk_with_room(disk, in_memory)
+            for t in tables:
+                _insert(disk, t)
+            self._publish([], disk)
+
+    def _publish(self, tables: list[_Table], disk: DiskTable | None) -> None:
+        self._state = (tuple(tables), tuple((t.data, t.starts, t.bits) for t in tables), disk)
+
+    def _disk_with_room(self, disk: DiskTable | None, records: int) -> DiskTable:
+        """The index file, or a larger one holding its records (sized for twice what it will
+        hold, so that growing costs O(records) over a whole run); the old one is retired."""
+        if disk is not None and disk.room_for(records):
+            return disk
+        total = records + (disk.count if disk is not None else 0)
+        grown = DiskTable(disk_bits_for(2 * total))
+        if disk is not None:
+            for region in disk.records_by_region():
+                if region:
+                    _insert(grown, _Table.build([(region, None)]))
+            self._retired.append(disk)
+        return grown
+
+
+def _insert(disk: DiskTable, table: _Table) -> None:
+    """Add a table's records to the index file, regrouped first when the table's buckets are
+    coarser than the file's (DiskTable.insert takes whole groups a bucket)."""
+    if table.bits < disk.bits:
+        data, starts = _accel.index_build([(table.data, TABLE_RECORD.size, b"")], disk.bits)
+        disk.insert(data, starts, disk.bits)
+    else:
+        disk.insert(table.data, table.starts, table.bits)

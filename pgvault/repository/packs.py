@@ -74,9 +74,25 @@ class PackWriter:
     def has(self, block_id: bytes) -> bool:
         return block_id in self._pending or block_id in self._flushing or block_id in self._index
 
-    def add(self, block_id: bytes, sealed: bytes | memoryview) -> bool:
-        """Append a sealed block unless this writer or the index has it; True if appended."""
-        if self.has(block_id):
+    def lacking(self, ids: bytes) -> list[int]:
+        """Positions of the 32-byte ids of ids that neither the index nor this writer has: one
+        index call for them all (a lookup in the index file is a pread), then the writer's
+        own sets for the few the index lacks."""
+        pending, flushing = self._pending, self._flushing
+        return [
+            k for k in self._index.missing(ids)
+            if (block_id := ids[k * 32 : k * 32 + 32]) not in pending and block_id not in flushing
+        ]
+
+    def add(self, block_id: bytes, sealed: bytes | memoryview, index_checked: bool = False) -> bool:
+        """Append a sealed block unless this writer or the index has it; True if appended.
+        index_checked: the caller found it missing from the index (lacking) moments ago, so
+        only this writer's blocks are checked (the producing thread would pay a pread per
+        new block otherwise). A block the index gained since then can only be one of this
+        writer's packs, finished in between: stored twice at worst, which is harmless."""
+        if block_id in self._pending or block_id in self._flushing:
+            return False
+        if not index_checked and block_id in self._index:
             return False
         if self._upload is None:
             self._name = new_pack_name()

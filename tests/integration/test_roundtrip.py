@@ -20,15 +20,23 @@ def table_digest(server: PgServer, table: str) -> str:
     return server.psql(f"select count(*) || ':' || coalesce(md5(string_agg(t::text, ',' order by t::text)), '') from {table} t")
 
 
-@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+@pytest.mark.parametrize(
+    "encrypted, index_file", [(False, False), (True, False), (False, True)], ids=["plain", "encrypted", "index-file"]
+)
 def test_backup_restore_roundtrip(
     pg_major: int,
     encrypted: bool,
+    index_file: bool,
     tmp_path: Path,
     make_vault: Callable[..., Vault],
     pg_server_factory: Callable[..., PgServer],
     pg_wrap_factory: Callable[..., PgServer],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """index-file: the backup's and the restore's block index moves to the index file after
+    64 records (by default after 128k, more than a test cluster has)."""
+    if index_file:
+        monkeypatch.setenv("PGVAULT_INDEX_MEMORY_RECORDS", "64")
     vault = make_vault(encrypted=encrypted)
     source = archived_cluster(pg_server_factory, pg_major, vault)
     ts_dir = tmp_path / "tablespace"
@@ -79,9 +87,17 @@ def test_backup_restore_roundtrip(
     assert "Bad checksums:  0" in checked.stdout
 
 
+@pytest.mark.parametrize("index_file", [False, True], ids=["index-in-memory", "index-file"])
 def test_second_backup_stores_only_new_blocks(
-    one_pg_major: int, make_vault: Callable[..., Vault], pg_server_factory: Callable[..., PgServer]
+    one_pg_major: int,
+    index_file: bool,
+    make_vault: Callable[..., Vault],
+    pg_server_factory: Callable[..., PgServer],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """index-file: dedup against blocks found in the index file (see the round trip above)."""
+    if index_file:
+        monkeypatch.setenv("PGVAULT_INDEX_MEMORY_RECORDS", "64")
     vault = make_vault()
     source = archived_cluster(pg_server_factory, one_pg_major, vault)
     source.pgbench("-i", "-s", "5", "-q")

@@ -1,4 +1,8 @@
-"""The compact in-memory block index against a plain dict, and its memory per block."""
+"""The compact in-memory block index against a plain dict, and its memory per block.
+
+These tests are about the tables, so they keep every record in memory (MEMORY_RECORDS
+raised); tests/unit/test_diskindex.py covers records moving to the index file.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,15 @@ import os
 import random
 import sys
 
+import pytest
+
+from pgvault.repository import index as index_mod
 from pgvault.repository.index import ENTRY, Index, Location
+
+
+@pytest.fixture(autouse=True)
+def _records_stay_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_mod, "MEMORY_RECORDS", 1 << 40)
 
 
 def _entries(rnd: random.Random, n: int) -> list[tuple[bytes, int, int]]:
@@ -75,8 +87,6 @@ def test_memory_per_block_is_about_thirty_five_bytes() -> None:
 def test_tables_stay_within_the_bound_through_loads_and_merges(monkeypatch) -> None:
     """No table grows past MAX_TABLE_RECORDS (no merge copies the whole index), loading
     consumes index objects batch by batch, and lookups still find every id."""
-    from pgvault.repository import index as index_mod
-
     monkeypatch.setattr(index_mod, "MAX_TABLE_RECORDS", 1000)
     rnd = random.Random(9)
     loaded = {f"pack{i}": _entries(rnd, 150) for i in range(30)}
