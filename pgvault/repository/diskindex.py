@@ -36,9 +36,10 @@ FILL = 80
 MAX_FILL = 100
 MIN_BITS = 4
 MAX_BITS = 24  # 16M buckets, a 64 GiB file, ~1.3 billion blocks (10 TiB of unique 8 KiB blocks)
-# Buckets read and written at once while inserting (1 MiB), and while growing (4 MiB).
+# Buckets read and written at once while inserting, and read at once while growing (1 MiB, ~20k
+# records: growing builds a table of each region's records, a transient ~2 MB).
 REGION_BUCKETS = 256
-GROW_REGION_BUCKETS = 1024
+GROW_REGION_BUCKETS = 256
 
 
 def bits_for(records: int) -> int:

@@ -231,6 +231,9 @@ class Index:
                     batch, records = [], 0
             if batch:
                 self._add_table(_Table.build(batch))
+            tables, _, disk = self._state
+            if disk is not None and tables:  # the rest too: memory holds only what a run adds
+                self._spill(list(tables), disk)
 
     def add_pack(self, pack: str, entries: Iterable[tuple[bytes, int, int]] | bytes) -> None:
         """One pack's entries: (id, offset, length) tuples, or their ENTRY encoding."""
@@ -261,12 +264,15 @@ class Index:
             tables[-1] = _Table.merge(tables[-1], last)
         disk = self._state[2]
         self._publish(tables, disk)
-        in_memory = sum(t.count for t in tables)
-        if in_memory > MEMORY_RECORDS:
-            disk = self._disk_with_room(disk, in_memory)
-            for t in tables:
-                _insert(disk, t)
-            self._publish([], disk)
+        if sum(t.count for t in tables) > MEMORY_RECORDS:
+            self._spill(tables, disk)
+
+    def _spill(self, tables: list[_Table], disk: DiskTable | None) -> None:
+        """Move every table's records to the index file (a larger one if they do not fit)."""
+        disk = self._disk_with_room(disk, sum(t.count for t in tables))
+        for t in tables:
+            _insert(disk, t)
+        self._publish([], disk)
 
     def _publish(self, tables: list[_Table], disk: DiskTable | None) -> None:
         self._state = (tuple(tables), tuple((t.data, t.starts, t.bits) for t in tables), disk)

@@ -158,17 +158,21 @@ def test_lookups_on_other_threads_never_miss_while_records_move(small_memory: in
 
 
 def test_memory_stays_at_the_bound_as_the_index_grows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the default bound, the tables of 300k records hold at most MEMORY_RECORDS of them
-    (32 bytes each); the rest is in the file."""
+    """With the default bound, the tables hold at most MEMORY_RECORDS records (32 bytes each)
+    while packs are added, and nothing once a load ends with the index in the file."""
     rnd = random.Random(4)
     index = Index()
     for i in range(30):
-        index.load([(f"p{i}", b"".join(ENTRY.pack(*e) for e in _entries(rnd, 10000)))])
-    tables, _, disk = index._state
-    in_memory = sum(len(t.data) for t in tables)
+        index.add_pack(f"p{i}", b"".join(ENTRY.pack(*e) for e in _entries(rnd, 10000)))
+        tables, _, disk = index._state
+        assert sum(len(t.data) for t in tables) <= index_mod.MEMORY_RECORDS * 32
     assert disk is not None and disk.count + sum(t.count for t in tables) == 300000
-    assert in_memory <= index_mod.MEMORY_RECORDS * 32
+    loaded = Index()
+    loaded.load((f"p{i}", b"".join(ENTRY.pack(*e) for e in _entries(rnd, 10000))) for i in range(30))
+    tables, _, disk = loaded._state
+    assert not tables and disk is not None and disk.count == len(loaded) == 300000
     index.close()
+    loaded.close()
 
 
 def test_index_files_are_not_in_tmp_unless_tmpdir_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
