@@ -27,6 +27,7 @@ import tempfile
 from typing import Iterator
 
 from pgvault import _accel
+from pgvault.errors import ConfigError
 
 BUCKET = 4096
 SLOTS = 127
@@ -50,6 +51,14 @@ def bits_for(records: int) -> int:
     return bits
 
 
+def _local_failure(exc: OSError, directory: str) -> ConfigError:
+    """One line for a local index file that cannot be created, written or read (a full or
+    read-only temporary directory): the way out is another TMPDIR."""
+    reason = exc.strerror or str(exc)
+    return ConfigError(f"the block index file in {directory} failed: {reason}; set TMPDIR to a writable "
+                       "local directory with space (~64 bytes per stored block)")
+
+
 def spill_directory() -> str:
     """Where index files go: $TMPDIR, else /var/tmp (disk), else the platform's default."""
     configured = os.environ.get("TMPDIR")
@@ -68,9 +77,17 @@ class DiskTable:
         self.bits = bits
         self.buckets = 1 << bits
         self.count = 0
-        self._file = tempfile.TemporaryFile(dir=spill_directory(), prefix="pgvault-index-")
+        self.directory = spill_directory()
+        try:
+            self._file = tempfile.TemporaryFile(dir=self.directory, prefix="pgvault-index-")
+        except OSError as exc:
+            raise _local_failure(exc, self.directory) from exc
         self.fd = self._file.fileno()
-        os.ftruncate(self.fd, self.buckets * BUCKET)  # sparse: unwritten buckets read as empty
+        try:
+            os.ftruncate(self.fd, self.buckets * BUCKET)  # sparse: unwritten buckets read as empty
+        except OSError as exc:
+            self._file.close()
+            raise _local_failure(exc, self.directory) from exc
 
     def close(self) -> None:
         self._file.close()
@@ -80,7 +97,10 @@ class DiskTable:
 
     def locate(self, ids: bytes | bytearray | memoryview, out: bytearray) -> int:
         """As Index.locate_many for the records still unfound in out (stored length 0)."""
-        return _accel.disk_locate(self.fd, self.bits, ids, out)
+        try:
+            return _accel.disk_locate(self.fd, self.bits, ids, out)
+        except OSError as exc:
+            raise _local_failure(exc, self.directory) from exc
 
     def insert(self, data: bytes, starts: bytes, table_bits: int) -> None:
         """Add a table's records (index._Table: grouped by the top table_bits bits of the id,
@@ -125,21 +145,27 @@ class DiskTable:
     def _fill(self, first: int, end: int, carry: bytes, records: memoryview | bytes) -> bytes:
         """Read buckets first..end-1, place carried records (from first on) and records (from
         their homes), write the buckets back; returns what ran past end."""
-        region = bytearray(os.pread(self.fd, (end - first) * BUCKET, first * BUCKET))
-        if len(region) != (end - first) * BUCKET:
-            raise OSError(f"index file: short read at bucket {first}")
+        region = bytearray(self._read(first, end - first))
         rest = _accel.bucket_fill(region, first, self.bits, carry, True) if carry else b""
         rest += _accel.bucket_fill(region, first, self.bits, records, False)
-        written = os.pwrite(self.fd, region, first * BUCKET)
-        if written != len(region):
-            raise OSError(f"index file: short write at bucket {first}")
+        try:
+            written = os.pwrite(self.fd, region, first * BUCKET)
+        except OSError as exc:
+            raise _local_failure(exc, self.directory) from exc
+        if written != len(region):  # a full file system writes short rather than failing
+            raise _local_failure(OSError(f"short write at bucket {first}"), self.directory)
         return rest
+
+    def _read(self, first: int, count: int) -> bytes:
+        try:
+            region = os.pread(self.fd, count * BUCKET, first * BUCKET)
+        except OSError as exc:
+            raise _local_failure(exc, self.directory) from exc
+        if len(region) != count * BUCKET:
+            raise _local_failure(OSError(f"short read at bucket {first}"), self.directory)
+        return region
 
     def records_by_region(self) -> Iterator[bytes]:
         """The file's records, GROW_REGION_BUCKETS buckets at a time (bounded memory)."""
         for first in range(0, self.buckets, GROW_REGION_BUCKETS):
-            count = min(GROW_REGION_BUCKETS, self.buckets - first)
-            region = os.pread(self.fd, count * BUCKET, first * BUCKET)
-            if len(region) != count * BUCKET:
-                raise OSError(f"index file: short read at bucket {first}")
-            yield _accel.bucket_records(region)
+            yield _accel.bucket_records(self._read(first, min(GROW_REGION_BUCKETS, self.buckets - first)))

@@ -130,7 +130,8 @@ class _Table:
 
 class Index:
     """Thread-safe map of block ids to locations. If a block is in several packs, any copy
-    may be returned (they are identical). Call close() when done (the index file)."""
+    may be returned (they are identical). close() releases the index files at once (they are
+    unlinked from the start, and closed with the object otherwise)."""
 
     def __init__(self) -> None:
         self._packs: list[str] = []

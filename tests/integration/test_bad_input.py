@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -140,3 +141,22 @@ def test_wal_push_is_idempotent_and_never_overwrites(backed_up: tuple[Vault, PgS
     assert fetched.read_bytes() != bytes(data)
     assert_one_line_error(vault.run("wal-fetch", "0000000100000000000000FF", str(tmp_path / "x"), check=False), 1, "not in the repository")
     assert not (tmp_path / "x").exists()
+
+
+def test_an_unusable_index_directory_fails_cleanly(
+    backed_up: tuple[Vault, PgServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block index moves to a local file (here after 16 records) in TMPDIR: when that
+    directory is unusable, backup and restore fail with one line (exit 3) that names it, no
+    backup is recorded, the restore target is left empty, and the repository still verifies."""
+    vault, server = backed_up
+    monkeypatch.setenv("PGVAULT_INDEX_MEMORY_RECORDS", "16")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "no-such-dir"))
+    proc = vault.run(f"--pg-conninfo={server.conninfo()}", "backup", "--type=full", check=False)
+    assert_one_line_error(proc, 3, "no-such-dir")
+    target = tmp_path / "restored"
+    assert_one_line_error(vault.run("restore", f"--pg-data={target}", check=False), 3, "set TMPDIR")
+    assert target.is_dir() and not any(target.iterdir())
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert len(json.loads(vault.run("info", "--output=json").stdout)[0]["backups"]) == 1
+    vault.run("verify")

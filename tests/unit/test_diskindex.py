@@ -181,3 +181,15 @@ def test_index_files_are_not_in_tmp_unless_tmpdir_says_so(monkeypatch: pytest.Mo
     assert diskindex.spill_directory() == "/var/tmp"
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     assert diskindex.spill_directory() == str(tmp_path)
+
+
+def test_an_unwritable_temporary_directory_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A backup whose index needs the file, with TMPDIR pointing nowhere: a ConfigError naming
+    the directory and the way out, not a traceback."""
+    from pgvault.errors import ConfigError
+
+    monkeypatch.setattr(index_mod, "MEMORY_RECORDS", 10)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    index = Index()
+    with pytest.raises(ConfigError, match=r"block index file in .*missing failed: .*set TMPDIR"):
+        index.add_pack("p", _entries(random.Random(1), 50))
