@@ -246,13 +246,8 @@ class BlockStore:
 
         def done(result: ChunkResult) -> None:
             self.blocks_total += result.count
-            if result.new:
-                ids, out, add = result.ids, memoryview(result.out), self.packs.add
-                start = 0
-                for i, end in zip(result.new, memoryview(result.ends).cast("Q")):
-                    if add(ids[i * 32 : i * 32 + 32], out[start:end], True):  # False: a copy just added
-                        self.blocks_new += 1
-                    start = end
+            if result.new:  # found missing from the index by the worker (lacking)
+                self.blocks_new += self.packs.add_many(result.ids, result.new, result.out, result.ends)
             on_done(result)
 
         self.pool.submit(self._seal_chunk, chunk, check, on_done=done)

@@ -95,19 +95,66 @@ class PackWriter:
         if not index_checked and block_id in self._index:
             return False
         if self._upload is None:
-            self._name = new_pack_name()
-            self._upload = open_upload(self._backend, layout.pack_key(self._name))
-            self._opened = time.monotonic()
+            self._open()
         self._entries += ENTRY.pack(block_id, self._size, len(sealed))
         self._buffer += sealed
         self._size += len(sealed)
         self._pending.add(block_id)
-        if len(self._buffer) >= WRITE_BUFFER:
-            self._upload.write(self._buffer)
-            self._buffer = bytearray()
+        self._write_buffered()
         if self._size >= self._target or time.monotonic() - self._opened >= self._max_age:
             self.flush()
         return True
+
+    def add_many(self, ids: bytes, new: list[int], sealed: bytes | memoryview, ends: bytes) -> int:
+        """add(index_checked=True) for one chunk's new blocks (BlockStore.submit_chunk): block
+        new[k] has the id ids[32 * new[k]:][:32] and the sealed object sealed[ends[k - 1]:ends[k]]
+        (ends: u64 each, as _accel.seal_blocks returns them); returns how many were appended.
+        One call per chunk instead of one per block, and the bytes of consecutive blocks
+        appended in one copy."""
+        pending = self._pending
+        view = memoryview(sealed)
+        appended = 0
+        start = run_start = run_end = 0  # run: sealed[run_start:run_end], not yet in the buffer
+        for i, end in zip(new, memoryview(ends).cast("Q")):
+            block_id = ids[i * 32 : i * 32 + 32]
+            if block_id in pending or block_id in self._flushing:  # a copy just added
+                start = end
+                continue
+            if self._upload is None:
+                self._open()
+            if start != run_end:
+                self._buffer += view[run_start:run_end]
+                run_start = start
+            run_end = end
+            self._entries += ENTRY.pack(block_id, self._size, end - start)
+            pending.add(block_id)
+            self._size += end - start
+            appended += 1
+            start = end
+            if self._size >= self._target:
+                self._buffer += view[run_start:run_end]
+                run_start = run_end
+                self.flush()
+                pending = self._pending  # a new set: the flushed ones are in _flushing now
+        if run_end > run_start:
+            self._buffer += view[run_start:run_end]
+        if self._upload is not None:
+            self._write_buffered()
+            if time.monotonic() - self._opened >= self._max_age:
+                self.flush()
+        return appended
+
+    def _open(self) -> None:
+        self._name = new_pack_name()
+        self._upload = open_upload(self._backend, layout.pack_key(self._name))
+        self._opened = time.monotonic()
+
+    def _write_buffered(self) -> None:
+        """Hand the buffered bytes to the upload once there are WRITE_BUFFER of them."""
+        if len(self._buffer) >= WRITE_BUFFER:
+            assert self._upload is not None
+            self._upload.write(self._buffer)
+            self._buffer = bytearray()
 
     def flush(self) -> None:
         """Finish the open pack (in the background with background=True)."""
