@@ -180,3 +180,28 @@ def test_page_class_and_dictionary_keys() -> None:
     assert layout.dict_class(layout.dict_key(5, 0x9000)) == ""  # keys written before classes
     assert layout.dict_class(layout.dict_key(5, 0x9000, "s")) == "s"
     assert layout.dict_key(5, 0x9000, "s").rsplit("-", 1)[1] == "00009000"  # what readers parse
+
+
+def test_offer_many_samples_what_offer_would() -> None:
+    """A chunk's blocks offered at once keep the same samples, in the same order, as offered
+    one by one (same random choices), and hand over the early sample at the same point."""
+    from pgvault.repository.blockstore import _Sampler
+
+    rng = random.Random(3)
+    blocks = [rng.randbytes(64) for _ in range(3000)]
+    one, many = _Sampler(40, 25), _Sampler(40, 25)
+    one._random.seed(11)
+    many._random.seed(11)
+    pos, early_one, early_many = 0, [], []
+    while pos < len(blocks):
+        chunk = blocks[pos : pos + rng.randrange(1, 40)]
+        pos += len(chunk)
+        indices = sorted(rng.sample(range(len(chunk)), rng.randrange(0, len(chunk) + 1)))
+        for i in indices:
+            if (got := one.offer(chunk[i], early=True)) is not None:
+                early_one.append(got)
+        if (got := many.offer_many(memoryview(b"".join(chunk)), 64, indices, early=True)) is not None:
+            early_many.append(got)
+    assert one.seen == many.seen > 1000
+    assert one.reservoir == many.reservoir and len(one.reservoir) == 40
+    assert early_one == early_many and len(early_one) == 1
