@@ -54,8 +54,12 @@ def seal(
     header = HEADER.pack(MAGIC, VERSION, kind, used, key_id, len(plaintext))
     if keys.data_key is not None:
         return header + crypto.seal(keys.data_key, payload, header + context)
-    digest = xxhash.xxh3_128_digest(header + context + payload)
-    return header + payload + digest
+    # Streamed, not over a concatenation: a 4 MiB block list or a 16 MiB WAL segment is not
+    # copied once more just to be hashed.
+    digest = xxhash.xxh3_128(header)
+    digest.update(context)
+    digest.update(payload)
+    return b"".join((header, payload, digest.digest()))
 
 
 def open_(

@@ -97,10 +97,15 @@ class PackWriter:
         if self._upload is None:
             self._open()
         self._entries += ENTRY.pack(block_id, self._size, len(sealed))
-        self._buffer += sealed
+        if len(sealed) >= WRITE_BUFFER:  # a large object (a block list): written, not copied
+            self._write_buffered(force=True)
+            assert self._upload is not None
+            self._upload.write(sealed)
+        else:
+            self._buffer += sealed
+            self._write_buffered()
         self._size += len(sealed)
         self._pending.add(block_id)
-        self._write_buffered()
         if self._size >= self._target or time.monotonic() - self._opened >= self._max_age:
             self.flush()
         return True
@@ -149,9 +154,10 @@ class PackWriter:
         self._upload = open_upload(self._backend, layout.pack_key(self._name))
         self._opened = time.monotonic()
 
-    def _write_buffered(self) -> None:
-        """Hand the buffered bytes to the upload once there are WRITE_BUFFER of them."""
-        if len(self._buffer) >= WRITE_BUFFER:
+    def _write_buffered(self, force: bool = False) -> None:
+        """Hand the buffered bytes to the upload once there are WRITE_BUFFER of them (with
+        force, whatever there is)."""
+        if len(self._buffer) >= WRITE_BUFFER or (force and self._buffer):
             assert self._upload is not None
             self._upload.write(self._buffer)
             self._buffer = bytearray()

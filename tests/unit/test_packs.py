@@ -139,3 +139,20 @@ def test_add_many_stores_what_add_would() -> None:
         results.append((appended, _pack_contents(backend, keys), writer.packs_written))
     assert results[0] == results[1]
     assert results[0][2] > 3  # packs filled (and were flushed) in the middle of chunks
+
+
+def test_a_large_object_is_written_through_in_its_place() -> None:
+    """add() writes an object of WRITE_BUFFER or more (a 1 GiB file's 4 MiB block list)
+    straight to the upload, after what is buffered, instead of copying it into the buffer:
+    the pack holds every object where its record says."""
+    from pgvault.repository.packs import WRITE_BUFFER
+
+    keys = Keys(None, os.urandom(32))
+    backend = MemoryBackend()
+    writer = PackWriter(backend, keys, Index(), target_size=64 << 20)
+    objects = [(os.urandom(32), os.urandom(n)) for n in (100, 5000, WRITE_BUFFER + 7, 300, 4 * WRITE_BUFFER, 1)]
+    for block_id, sealed in objects:
+        assert writer.add(block_id, sealed)
+    writer.flush()
+    writer.wait()
+    assert _pack_contents(backend, keys) == [objects]
