@@ -333,6 +333,16 @@ cdef inline uint32_t _prefix(const unsigned char *p) nogil:
     return (<uint32_t> p[0] << 24) | (<uint32_t> p[1] << 16) | (<uint32_t> p[2] << 8) | <uint32_t> p[3]
 
 
+cdef inline const char *_find_key(const char *records, Py_ssize_t count, const unsigned char *idp) noexcept nogil:
+    """The first of count table records whose 16-byte key starts idp, or NULL (every lookup:
+    a table's bucket, or a bucket of the index file)."""
+    cdef Py_ssize_t r
+    for r in range(count):
+        if memcmp(records + r * TABLE_RECORD, idp, KEY_SIZE) == 0:
+            return records + r * TABLE_RECORD
+    return NULL
+
+
 def index_build(sources, bits) -> tuple:
     """One table from sources, a list of (records, stride, tail): 44-byte index ENTRY records
     (id, offset, length) with a 4-byte tail (the pack number), or 32-byte table records with
@@ -437,13 +447,10 @@ def index_find(bytes data, bytes starts, int bits, bytes block_id) -> int:
     cdef const uint32_t *s = <const uint32_t *> PyBytes_AS_STRING(starts)
     cdef const char *d = PyBytes_AS_STRING(data)
     cdef uint32_t b = _prefix(idp) >> (32 - bits)
-    cdef Py_ssize_t r
     if <Py_ssize_t> s[b + 1] * TABLE_RECORD > len(data):
         raise ValueError("starts do not match the records")
-    for r in range(s[b], s[b + 1]):
-        if memcmp(d + r * TABLE_RECORD, idp, KEY_SIZE) == 0:
-            return r * TABLE_RECORD
-    return -1
+    cdef const char *hit = _find_key(d + s[b] * TABLE_RECORD, s[b + 1] - s[b], idp)
+    return -1 if hit == NULL else hit - d
 
 
 # ==========================================================================================
@@ -741,11 +748,12 @@ def index_locate(bytes data, bytes starts, int bits, ids, out) -> int:
     records whose stored length is still 0 are looked up, and set to the table's record when
     found, else to the id with offset, length and pack number 0. Returns how many were found."""
     cdef Py_buffer iv, ov
-    cdef Py_ssize_t n, k, r, found = 0
+    cdef Py_ssize_t n, k, found = 0
     cdef const unsigned char *idp
     cdef unsigned char *rec
     cdef const uint32_t *s
     cdef const char *d = PyBytes_AS_STRING(data)
+    cdef const char *hit
     cdef uint32_t b
     if not 1 <= bits <= 24 or len(starts) != (((<Py_ssize_t> 1) << bits) + 1) * 4:
         raise ValueError("starts do not match bits")
@@ -768,11 +776,10 @@ def index_locate(bytes data, bytes starts, int bits, ids, out) -> int:
                     b = _prefix(idp) >> (32 - bits)
                     memcpy(rec, idp, ID_SIZE)
                     memset(rec + ID_SIZE, 0, RECORD_SIZE - ID_SIZE)
-                    for r in range(s[b], s[b + 1]):
-                        if memcmp(d + r * TABLE_RECORD, idp, KEY_SIZE) == 0:
-                            memcpy(rec + ID_SIZE, d + r * TABLE_RECORD + KEY_SIZE, TABLE_RECORD - KEY_SIZE)
-                            found += 1
-                            break
+                    hit = _find_key(d + s[b] * TABLE_RECORD, s[b + 1] - s[b], idp)
+                    if hit != NULL:
+                        memcpy(rec + ID_SIZE, hit + KEY_SIZE, TABLE_RECORD - KEY_SIZE)
+                        found += 1
         finally:
             PyBuffer_Release(&ov)
     finally:
@@ -1032,7 +1039,7 @@ def index_find_any(tables, bytes block_id) -> int:
     cdef const uint32_t *s
     cdef const char *d
     cdef uint32_t b
-    cdef Py_ssize_t r, k = 0
+    cdef Py_ssize_t k = 0
     cdef int bits
     cdef bytes data, starts
     for data, starts, bits in tables:
@@ -1043,9 +1050,8 @@ def index_find_any(tables, bytes block_id) -> int:
         b = prefix >> (32 - bits)
         if <Py_ssize_t> s[b + 1] * TABLE_RECORD > len(data):
             raise ValueError("starts do not match the records")
-        for r in range(s[b], s[b + 1]):
-            if memcmp(d + r * TABLE_RECORD, idp, KEY_SIZE) == 0:
-                return k
+        if _find_key(d + s[b] * TABLE_RECORD, s[b + 1] - s[b], idp) != NULL:
+            return k
         k += 1
     return -1
 
@@ -1496,14 +1502,15 @@ def disk_locate(int fd, int bits, ids, out) -> int:
     """index_locate against the index file open at fd (2**bits buckets), one pread of a
     bucket per lookup, without the GIL (see pgvault._pure.disk_locate)."""
     cdef Py_buffer iv, ov
-    cdef Py_ssize_t n, k, r, step, got = 0, found = 0
+    cdef Py_ssize_t n, k, step, got = 0, found = 0
     cdef Py_ssize_t nb = (<Py_ssize_t> 1) << bits
     cdef const unsigned char *idp
     cdef unsigned char *rec
     cdef unsigned char bucket[DISK_BUCKET]
     cdef uint32_t used = 0, flags
     cdef Py_ssize_t b = 0
-    cdef int status = 0, err = 0, hit
+    cdef int status = 0, err = 0
+    cdef const char *hit
     _check_disk_bits(bits)
     PyObject_GetBuffer(ids, &iv, PyBUF_SIMPLE)
     try:
@@ -1538,15 +1545,11 @@ def disk_locate(int fd, int bits, ids, out) -> int:
                         if used > DISK_SLOTS:
                             status = 3
                             break
-                        hit = 0
-                        for r in range(used):
-                            if memcmp(bucket + TABLE_RECORD + r * TABLE_RECORD, idp, KEY_SIZE) == 0:
-                                memcpy(rec + ID_SIZE, bucket + TABLE_RECORD + r * TABLE_RECORD + KEY_SIZE,
-                                       TABLE_RECORD - KEY_SIZE)
-                                found += 1
-                                hit = 1
-                                break
-                        if hit or not (flags & DISK_OVERFLOW):
+                        hit = _find_key(<const char *> bucket + TABLE_RECORD, used, idp)
+                        if hit != NULL:
+                            memcpy(rec + ID_SIZE, hit + KEY_SIZE, TABLE_RECORD - KEY_SIZE)
+                            found += 1
+                        if hit != NULL or not (flags & DISK_OVERFLOW):
                             break
                         b = (b + 1) & (nb - 1)
                     if status:

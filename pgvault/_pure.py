@@ -352,10 +352,16 @@ def index_find(data: bytes, starts: bytes, bits: int, block_id: bytes) -> int:
     hi *= _TREC
     if hi > len(data):
         raise ValueError("starts do not match the records")
+    return _find_key(data, block_id, lo, hi)
+
+
+def _find_key(records: bytes, block_id: bytes, lo: int, hi: int) -> int:
+    """Byte offset of the first 32-byte table record in records[lo:hi] whose key is block_id's
+    first 16 bytes, or -1 (a table's bucket, or a bucket of the index file)."""
     key = block_id[:_KEY]
-    pos = data.find(key, lo, hi)
+    pos = records.find(key, lo, hi)
     while pos >= 0 and (pos - lo) % _TREC:  # a match across fields or records is not a key
-        pos = data.find(key, pos + 1, hi)
+        pos = records.find(key, pos + 1, hi)
     return pos
 
 
@@ -844,9 +850,7 @@ def disk_locate(fd: int, bits: int, ids: Buffer, out: bytearray) -> int:
             used, flags = _BUCKET_HEAD.unpack_from(bucket)
             if used > _SLOTS:
                 raise ValueError(f"bucket {b} claims {used} records")
-            pos = bucket.find(block_id[:_KEY], _TREC, _TREC + used * _TREC)
-            while pos >= 0 and pos % _TREC:  # a match across fields or records is not a key
-                pos = bucket.find(block_id[:_KEY], pos + 1, _TREC + used * _TREC)
+            pos = _find_key(bucket, block_id, _TREC, _TREC + used * _TREC)
             if pos >= 0:
                 out[rec + _ID : rec + _RECORD] = bucket[pos + _KEY : pos + _TREC]
                 found += 1
